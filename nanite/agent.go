@@ -1,0 +1,576 @@
+package nanite
+
+import (
+	"container/list"
+	"context"
+	"crypto/tls"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"runtime/debug"
+	"sort"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Version is the version of this implementation, reported by agents.
+const Version = "0.1.0"
+
+// Defaults.
+const (
+	DefaultHeartbeatInterval = 2 * time.Second
+	DefaultPrefetch          = 16
+	DefaultMaxPayload        = 1 << 20
+	DefaultShutdownGrace     = 10 * time.Second
+	DefaultRequestTimeout    = 30 * time.Second
+	DefaultDedupeSize        = 10000
+)
+
+// AgentConfig configures an agent. Only URL is required.
+type AgentConfig struct {
+	// URL of the broker and vhost, amqp://user:pass@host:port/vhost.
+	URL string
+	// TLS configures amqps:// connections.
+	TLS *tls.Config
+	// Identity of the agent. When empty it is read from (or created in)
+	// DataDir, or generated afresh when DataDir is empty too.
+	Identity string
+	// DataDir keeps the agent's identity across restarts, so that it finds
+	// its durable queue again.
+	DataDir string
+	// Tags describe the agent for tag-filtered requests.
+	Tags []string
+	// HeartbeatInterval between heartbeats (default 2 s). Mappers drop an
+	// agent silent for three intervals.
+	HeartbeatInterval time.Duration
+	// Prefetch is how many requests the agent holds and runs at once
+	// (default 16): one slow agent is never flooded beyond it.
+	Prefetch int
+	// Status reports the agent's load for least-loaded selection (default:
+	// the machine's one-minute load average).
+	Status func() float64
+	// MaxPayload is the largest packet accepted, in bytes (default 1 MiB).
+	MaxPayload int
+	// ShutdownGrace is how long running handlers may finish after shutdown
+	// begins before their contexts are cancelled (default 10 s).
+	ShutdownGrace time.Duration
+	// RequestTimeout is the default deadline of requests the agent makes
+	// itself (default 30 s).
+	RequestTimeout time.Duration
+	// DedupeSize bounds the cache of recently handled request tokens
+	// (default 10000).
+	DedupeSize int
+	// Logger receives the agent's logs (default: discard).
+	Logger *slog.Logger
+}
+
+// Agent hosts actors and serves their methods from its queue.
+type Agent struct {
+	cfg      AgentConfig
+	id       string
+	log      *slog.Logger
+	methods  map[string]*Method
+	started  atomic.Bool
+	link     *link
+	calls    *calls
+	dedupe   *dedupe
+	stats    agentStats
+	inflight atomic.Int64
+	start    time.Time
+
+	handlerCtx    context.Context
+	cancelHandler context.CancelCauseFunc
+	handlers      sync.WaitGroup
+}
+
+type agentStats struct {
+	received, succeeded, failed, panics, badPackets, unknown, expired,
+	duplicates, intermediates, pushes, tooLarge atomic.Int64
+}
+
+// NewAgent returns an agent; AddActor its actors, then Run it.
+func NewAgent(cfg AgentConfig) (*Agent, error) {
+	if cfg.URL == "" {
+		return nil, errors.New("nanite: agent needs a broker URL")
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.HeartbeatInterval <= 0 {
+		cfg.HeartbeatInterval = DefaultHeartbeatInterval
+	}
+	if cfg.Prefetch <= 0 {
+		cfg.Prefetch = DefaultPrefetch
+	}
+	if cfg.MaxPayload <= 0 {
+		cfg.MaxPayload = DefaultMaxPayload
+	}
+	if cfg.ShutdownGrace <= 0 {
+		cfg.ShutdownGrace = DefaultShutdownGrace
+	}
+	if cfg.RequestTimeout <= 0 {
+		cfg.RequestTimeout = DefaultRequestTimeout
+	}
+	if cfg.DedupeSize <= 0 {
+		cfg.DedupeSize = DefaultDedupeSize
+	}
+	if cfg.Status == nil {
+		cfg.Status = LoadAverage
+	}
+	id := cfg.Identity
+	if id == "" && cfg.DataDir != "" {
+		var err error
+		if id, err = LoadIdentity(cfg.DataDir, "agent"); err != nil {
+			return nil, err
+		}
+	}
+	if id == "" {
+		id = NewIdentity("agent")
+	}
+	if !ValidIdentity(id) {
+		return nil, fmt.Errorf("nanite: invalid agent identity %q", id)
+	}
+	a := &Agent{
+		cfg:     cfg,
+		id:      id,
+		log:     cfg.Logger.With("agent", id),
+		methods: map[string]*Method{},
+		calls:   newCalls(),
+		dedupe:  newDedupe(cfg.DedupeSize),
+	}
+	a.AddActor(a.builtinActor())
+	return a, nil
+}
+
+// Identity is the agent's identity.
+func (a *Agent) Identity() string { return a.id }
+
+// AddActor adds the methods of actor to the agent. It panics when a service
+// is already registered or when the agent is already running.
+func (a *Agent) AddActor(actor *Actor) {
+	if a.started.Load() {
+		panic("nanite: AddActor after Run")
+	}
+	for name, m := range actor.methods {
+		svc := "/" + actor.name + "/" + name
+		if _, dup := a.methods[svc]; dup {
+			panic("nanite: service " + svc + " registered twice")
+		}
+		a.methods[svc] = m
+	}
+}
+
+// Services lists the services the agent offers, sorted.
+func (a *Agent) Services() []ServiceInfo {
+	out := make([]ServiceInfo, 0, len(a.methods))
+	for name, m := range a.methods {
+		out = append(out, ServiceInfo{Name: name, Idempotent: m.Idempotent})
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
+	return out
+}
+
+// Stats returns the agent's counters.
+func (a *Agent) Stats() map[string]int64 {
+	s := &a.stats
+	return map[string]int64{
+		"received":          s.received.Load(),
+		"succeeded":         s.succeeded.Load(),
+		"failed":            s.failed.Load(),
+		"panics":            s.panics.Load(),
+		"bad_packets":       s.badPackets.Load(),
+		"unknown_service":   s.unknown.Load(),
+		"expired":           s.expired.Load(),
+		"duplicates":        s.duplicates.Load(),
+		"intermediate_sent": s.intermediates.Load(),
+		"pushes":            s.pushes.Load(),
+		"too_large":         s.tooLarge.Load(),
+		"in_flight":         a.inflight.Load(),
+	}
+}
+
+// Run connects, registers and serves until ctx ends, then shuts down
+// gracefully: it stops taking requests, lets running handlers finish within
+// ShutdownGrace, unregisters and disconnects. Run returns an error only when
+// the broker refuses the agent outright (bad credentials or vhost).
+func (a *Agent) Run(ctx context.Context) error {
+	if !a.started.CompareAndSwap(false, true) {
+		return errors.New("nanite: agent already running")
+	}
+	a.start = time.Now()
+	a.handlerCtx, a.cancelHandler = context.WithCancelCause(context.Background())
+	linkCtx, stopLink := context.WithCancel(context.Background())
+	defer stopLink()
+
+	a.link = newLink(linkConfig{
+		URL:    a.cfg.URL,
+		TLS:    a.cfg.TLS,
+		Name:   "nanite-agent " + a.id,
+		Logger: a.log,
+		Setup: func(t topology) error {
+			if err := declareCommon(t); err != nil {
+				return err
+			}
+			if err := t.Queue(agentQueueSpec(a.id)); err != nil {
+				return err
+			}
+			if err := t.Bind(AgentQueue(a.id), ExchangeAdvertise, "", nil); err != nil {
+				return err
+			}
+			return declareReplyQueue(t, a.id)
+		},
+		Consumers: []consumerSpec{
+			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery},
+			{Queue: ReplyQueue(a.id), AutoAck: true, Handle: a.handleReply},
+		},
+		OnConnect: func() { go a.register(linkCtx) },
+	})
+
+	linkErr := make(chan error, 1)
+	go func() { linkErr <- a.link.run(linkCtx) }()
+
+	hb := time.NewTicker(a.cfg.HeartbeatInterval)
+	defer hb.Stop()
+	for {
+		select {
+		case err := <-linkErr:
+			a.cancelHandler(ErrClosed)
+			return err
+		case <-hb.C:
+			a.heartbeat(linkCtx)
+		case <-ctx.Done():
+			a.shutdown(linkCtx)
+			stopLink()
+			<-linkErr
+			return nil
+		}
+	}
+}
+
+func (a *Agent) shutdown(linkCtx context.Context) {
+	a.log.Info("agent shutting down", "in_flight", a.inflight.Load())
+	a.link.stopConsuming()
+	done := make(chan struct{})
+	go func() { a.handlers.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(a.cfg.ShutdownGrace):
+		a.cancelHandler(fmt.Errorf("%w: agent shutting down", ErrClosed))
+		<-done
+	}
+	a.cancelHandler(ErrClosed)
+	ctx, cancel := context.WithTimeout(linkCtx, 2*time.Second)
+	defer cancel()
+	a.publishState(ctx, KindUnregister, ExchangeRegistration)
+	// Whatever is still waiting for a mapper's answer ends now.
+	for _, c := range a.calls.all() {
+		c.fail(fmt.Errorf("%w: agent shutting down", ErrClosed))
+	}
+}
+
+func (a *Agent) statePacket(kind Kind) *Packet {
+	st := a.cfg.Status()
+	p := &Packet{Kind: kind, Identity: a.id, From: a.id, Status: &st,
+		InFlight: int(a.inflight.Load()), SentAtUnix: time.Now().UnixMilli()}
+	if kind == KindRegister {
+		p.Queue = AgentQueue(a.id)
+		p.Services = a.Services()
+		p.Tags = a.cfg.Tags
+		p.Interval = a.cfg.HeartbeatInterval.Milliseconds()
+		p.AgentVer = Version
+	}
+	return p
+}
+
+func (a *Agent) publishState(ctx context.Context, kind Kind, exchange string) {
+	body, err := a.statePacket(kind).Encode()
+	if err != nil {
+		a.log.Error("encode state packet", "err", err)
+		return
+	}
+	if err := a.link.publish(ctx, message{Exchange: exchange, Body: body, Type: string(kind)}); err != nil {
+		a.log.Warn("publish "+string(kind), "err", err)
+	}
+}
+
+func (a *Agent) register(ctx context.Context) {
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	a.publishState(ctx, KindRegister, ExchangeRegistration)
+}
+
+func (a *Agent) heartbeat(ctx context.Context) {
+	if !a.link.connected() {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, a.cfg.HeartbeatInterval)
+	defer cancel()
+	a.publishState(ctx, KindHeartbeat, ExchangeHeartbeat)
+}
+
+// handleDelivery runs for every message on the agent's queue. It must not
+// block for long: handlers run in their own goroutines (bounded by the
+// prefetch).
+func (a *Agent) handleDelivery(d *delivery) {
+	p, err := DecodePacket(d.Body, a.cfg.MaxPayload)
+	if err != nil {
+		a.stats.badPackets.Add(1)
+		code := CodeBadRequest
+		if errors.Is(err, ErrTooLarge) {
+			a.stats.tooLarge.Add(1)
+			code = CodeTooLarge
+			p = &Packet{Kind: KindRequest, Token: d.CorrelationID, ReplyTo: d.ReplyTo}
+		}
+		a.log.Warn("rejected packet", "err", err)
+		if p != nil && p.Token != "" && p.ReplyTo != "" {
+			a.reply(d, p, nil, &ErrorBody{Code: code, Message: err.Error()})
+		} else if d.ReplyTo != "" && d.CorrelationID != "" {
+			a.reply(d, &Packet{Token: d.CorrelationID, ReplyTo: d.ReplyTo}, nil, &ErrorBody{Code: code, Message: err.Error()})
+		}
+		_ = d.Ack()
+		return
+	}
+	switch p.Kind {
+	case KindAdvertise:
+		a.register(a.handlerCtx)
+		_ = d.Ack()
+		return
+	case KindRequest, KindPush:
+	default:
+		a.stats.badPackets.Add(1)
+		a.log.Warn("unexpected packet on agent queue", "packet", p.Kind)
+		_ = d.Ack()
+		return
+	}
+	a.stats.received.Add(1)
+	if p.Kind == KindPush {
+		a.stats.pushes.Add(1)
+	}
+
+	// Duplicates: a redelivered or retried request already handled here.
+	if cached, state := a.dedupe.check(p.Token); state != dedupeNew {
+		a.stats.duplicates.Add(1)
+		a.log.Info("duplicate request", "token", p.Token, "service", p.Type, "done", state == dedupeDone)
+		if state == dedupeDone && cached != nil && p.ReplyTo != "" {
+			_ = a.link.publish(a.handlerCtx, message{Key: p.ReplyTo, Body: cached, CorrelationID: p.Token, Type: string(KindResult)})
+		}
+		_ = d.Ack()
+		return
+	}
+
+	svc, err := NormalizeService(p.Type)
+	var m *Method
+	if err == nil {
+		m = a.methods[svc]
+	}
+	if m == nil {
+		a.stats.unknown.Add(1)
+		a.log.Warn("request for unknown service", "service", p.Type, "from", p.From)
+		a.finish(d, p, nil, &ErrorBody{Code: CodeUnknown, Message: fmt.Sprintf("agent %s does not offer %s", a.id, p.Type)})
+		return
+	}
+	deadline := p.deadlineTime()
+	if !deadline.IsZero() && time.Now().After(deadline) {
+		a.stats.expired.Add(1)
+		a.finish(d, p, nil, &ErrorBody{Code: CodeExpired, Message: fmt.Sprintf("deadline passed %v before %s ran", time.Since(deadline).Round(time.Millisecond), svc)})
+		return
+	}
+	a.dedupe.begin(p.Token)
+	a.handlers.Add(1)
+	a.inflight.Add(1)
+	go a.run(d, p, svc, m, deadline)
+}
+
+func (a *Agent) run(d *delivery, p *Packet, svc string, m *Method, deadline time.Time) {
+	defer a.handlers.Done()
+	defer a.inflight.Add(-1)
+	ctx := a.handlerCtx
+	var cancel context.CancelFunc
+	if !deadline.IsZero() {
+		ctx, cancel = context.WithDeadline(ctx, deadline)
+	} else {
+		ctx, cancel = context.WithCancel(ctx)
+	}
+	defer cancel()
+	req := &Request{Service: svc, Payload: p.Payload, From: p.From, Token: p.Token,
+		Deadline: deadline, Tags: p.Tags, Attempt: p.Attempt, Agent: a}
+	if p.Kind == KindRequest {
+		req.intermediate = func(ctx context.Context, key string, v any) error {
+			b, err := json.Marshal(v)
+			if err != nil {
+				return fmt.Errorf("nanite: encode intermediate result: %w", err)
+			}
+			ip := &Packet{Kind: KindIntermediate, Token: p.Token, From: a.id, Key: key, Payload: b}
+			body, err := ip.Encode()
+			if err != nil {
+				return err
+			}
+			a.stats.intermediates.Add(1)
+			return a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindIntermediate)})
+		}
+	}
+	res, herr := a.call(ctx, m, req)
+	var payload json.RawMessage
+	var ebody *ErrorBody
+	switch {
+	case herr != nil:
+		ebody = herr
+	default:
+		b, err := json.Marshal(res)
+		if err != nil {
+			ebody = &ErrorBody{Code: CodeHandler, Message: "result is not JSON-encodable: " + err.Error()}
+		} else {
+			payload = b
+		}
+	}
+	if ebody != nil {
+		a.stats.failed.Add(1)
+	} else {
+		a.stats.succeeded.Add(1)
+	}
+	a.finish(d, p, payload, ebody)
+}
+
+// call runs the handler, turning a panic or a context end into an error.
+func (a *Agent) call(ctx context.Context, m *Method, req *Request) (res any, ebody *ErrorBody) {
+	defer func() {
+		if r := recover(); r != nil {
+			a.stats.panics.Add(1)
+			a.log.Error("handler panicked", "service", req.Service, "panic", r, "stack", string(debug.Stack()))
+			res, ebody = nil, &ErrorBody{Code: CodePanic, Message: fmt.Sprintf("handler for %s panicked: %v", req.Service, r)}
+		}
+	}()
+	res, err := m.Handler(ctx, req)
+	if err != nil {
+		switch {
+		case ctx.Err() != nil && errors.Is(context.Cause(ctx), ErrClosed):
+			return nil, &ErrorBody{Code: CodeShutdown, Message: fmt.Sprintf("agent %s stopped while running %s: %v", a.id, req.Service, err)}
+		case errors.Is(ctx.Err(), context.DeadlineExceeded):
+			return nil, &ErrorBody{Code: CodeTimeout, Message: fmt.Sprintf("%s did not finish before its deadline: %v", req.Service, err)}
+		}
+		var re *RemoteError
+		if errors.As(err, &re) {
+			return nil, &ErrorBody{Code: re.Code, Message: re.Message}
+		}
+		return nil, &ErrorBody{Code: CodeHandler, Message: err.Error()}
+	}
+	return res, nil
+}
+
+// finish answers the request (unless it is a push), remembers the answer
+// for duplicates, and only then acknowledges the delivery.
+func (a *Agent) finish(d *delivery, p *Packet, payload json.RawMessage, ebody *ErrorBody) {
+	var body []byte
+	if p.Kind == KindRequest && p.ReplyTo != "" {
+		body = a.reply(d, p, payload, ebody)
+	}
+	a.dedupe.done(p.Token, body)
+	if err := d.Ack(); err != nil {
+		a.log.Warn("ack failed; the broker will redeliver and the duplicate will be answered from cache", "token", p.Token, "err", err)
+	}
+}
+
+func (a *Agent) reply(d *delivery, p *Packet, payload json.RawMessage, ebody *ErrorBody) []byte {
+	rp := &Packet{Kind: KindResult, Token: p.Token, From: a.id, Payload: payload, Error: ebody}
+	body, err := rp.Encode()
+	if err != nil {
+		a.log.Error("encode result", "err", err)
+		return nil
+	}
+	// The requester stops waiting at its deadline; a little slack lets an
+	// answer that raced the deadline still reach it.
+	ctx := context.Background()
+	var cancel context.CancelFunc
+	if dl := p.deadlineTime(); !dl.IsZero() {
+		ctx, cancel = context.WithDeadline(ctx, dl.Add(5*time.Second))
+	} else {
+		ctx, cancel = context.WithTimeout(ctx, a.cfg.RequestTimeout)
+	}
+	defer cancel()
+	if err := a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult)}); err != nil {
+		a.log.Warn("could not send result", "token", p.Token, "err", err)
+	}
+	return body
+}
+
+// handleReply receives answers to requests the agent made itself.
+func (a *Agent) handleReply(d *delivery) {
+	p, err := DecodePacket(d.Body, a.cfg.MaxPayload)
+	if err != nil {
+		a.log.Warn("rejected reply", "err", err)
+		return
+	}
+	if d.DeadLettered {
+		if c := a.calls.get(p.Token); c != nil {
+			c.fail(fmt.Errorf("%w: no mapper took %s before its deadline", ErrTimeout, p.Type))
+		}
+		return
+	}
+	a.calls.handleReply(p)
+}
+
+// dedupe remembers recently handled request tokens and their answers.
+type dedupe struct {
+	mu    sync.Mutex
+	max   int
+	m     map[string]*list.Element
+	order *list.List
+}
+
+type dedupeEntry struct {
+	token string
+	done  bool
+	body  []byte
+}
+
+type dedupeState int
+
+const (
+	dedupeNew dedupeState = iota
+	dedupeRunning
+	dedupeDone
+)
+
+func newDedupe(max int) *dedupe {
+	return &dedupe{max: max, m: map[string]*list.Element{}, order: list.New()}
+}
+
+func (c *dedupe) check(token string) ([]byte, dedupeState) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	e, ok := c.m[token]
+	if !ok {
+		return nil, dedupeNew
+	}
+	en := e.Value.(*dedupeEntry)
+	if en.done {
+		return en.body, dedupeDone
+	}
+	return nil, dedupeRunning
+}
+
+func (c *dedupe) begin(token string) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if _, ok := c.m[token]; ok {
+		return
+	}
+	c.m[token] = c.order.PushBack(&dedupeEntry{token: token})
+	for c.order.Len() > c.max {
+		old := c.order.Front()
+		c.order.Remove(old)
+		delete(c.m, old.Value.(*dedupeEntry).token)
+	}
+}
+
+func (c *dedupe) done(token string, body []byte) {
+	c.begin(token)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if e, ok := c.m[token]; ok {
+		en := e.Value.(*dedupeEntry)
+		en.done, en.body = true, body
+	}
+}

@@ -1,0 +1,511 @@
+package nanite
+
+// This file is the only one that imports amqp091-go. Everything above it
+// speaks in messages, deliveries and queue names.
+
+import (
+	"context"
+	"crypto/tls"
+	"errors"
+	"fmt"
+	"log/slog"
+	"math/rand/v2"
+	"sync"
+	"time"
+
+	amqp "github.com/rabbitmq/amqp091-go"
+)
+
+// message is one outgoing AMQP message.
+type message struct {
+	Exchange      string
+	Key           string
+	Body          []byte
+	CorrelationID string
+	ReplyTo       string
+	Type          string
+	Headers       map[string]any
+	Expiration    time.Duration // per-message TTL; 0 for none
+	Persistent    bool          // delivery mode 2, and wait for the publisher confirm
+	Mandatory     bool          // return the message when no queue takes it
+}
+
+// delivery is one incoming AMQP message.
+type delivery struct {
+	Body          []byte
+	CorrelationID string
+	ReplyTo       string
+	Type          string
+	Headers       map[string]any
+	Redelivered   bool
+	DeadLettered  bool   // it came through the dead-letter exchange
+	DeathReason   string // "expired", "rejected", "maxlen" when DeadLettered
+
+	ack  func() error
+	nack func(requeue bool) error
+}
+
+func (d *delivery) Ack() error {
+	if d.ack == nil {
+		return nil
+	}
+	return d.ack()
+}
+
+func (d *delivery) Nack(requeue bool) error {
+	if d.nack == nil {
+		return nil
+	}
+	return d.nack(requeue)
+}
+
+// returned is a mandatory message the broker could not route.
+type returned struct {
+	CorrelationID string
+	ReplyTo       string
+	Key           string
+	Reason        string
+	Body          []byte
+}
+
+// queueSpec declares a queue.
+type queueSpec struct {
+	Name       string
+	Durable    bool
+	Exclusive  bool
+	AutoDelete bool
+	Args       map[string]any
+}
+
+// consumerSpec is a consumer that the link (re)starts after every connect.
+type consumerSpec struct {
+	Queue    string
+	Prefetch int  // 0: no limit
+	AutoAck  bool // the broker forgets the message on delivery
+	Handle   func(*delivery)
+}
+
+// topology declares exchanges, queues and bindings on a fresh connection.
+type topology struct{ ch *amqp.Channel }
+
+func (t topology) Exchange(name, kind string) error {
+	if err := t.ch.ExchangeDeclare(name, kind, true, false, false, false, nil); err != nil {
+		return fmt.Errorf("nanite: declare exchange %s: %w", name, err)
+	}
+	return nil
+}
+
+func (t topology) Queue(q queueSpec) error {
+	if _, err := t.ch.QueueDeclare(q.Name, q.Durable, q.AutoDelete, q.Exclusive, false, amqp.Table(q.Args)); err != nil {
+		return fmt.Errorf("nanite: declare queue %s: %w", q.Name, err)
+	}
+	return nil
+}
+
+func (t topology) Bind(queue, exchange, key string, args map[string]any) error {
+	if err := t.ch.QueueBind(queue, key, exchange, false, amqp.Table(args)); err != nil {
+		return fmt.Errorf("nanite: bind %s to %s: %w", queue, exchange, err)
+	}
+	return nil
+}
+
+// Delete removes a queue (used when an agent leaves for good).
+func (t topology) Delete(queue string) error {
+	if _, err := t.ch.QueueDelete(queue, false, false, false); err != nil {
+		return fmt.Errorf("nanite: delete queue %s: %w", queue, err)
+	}
+	return nil
+}
+
+// linkConfig configures a link.
+type linkConfig struct {
+	URL       string
+	Name      string // connection name shown by the broker
+	TLS       *tls.Config
+	Logger    *slog.Logger
+	Heartbeat time.Duration
+	// Setup declares the topology after each connect, before consumers start.
+	Setup func(topology) error
+	// Consumers are started after Setup on every connect.
+	Consumers []consumerSpec
+	// OnReturn receives mandatory messages that could not be routed.
+	OnReturn func(returned)
+	// OnConnect is called after every successful (re)connect and setup.
+	OnConnect func()
+	// OnDisconnect is called when an established connection is lost.
+	OnDisconnect func(error)
+	// MinBackoff and MaxBackoff bound the reconnect delay.
+	MinBackoff, MaxBackoff time.Duration
+}
+
+// link is a supervised AMQP connection. Run dials with backoff, declares the
+// topology, starts the consumers and starts over when the connection drops.
+type link struct {
+	cfg linkConfig
+	log *slog.Logger
+
+	mu        sync.Mutex
+	conn      *amqp.Connection
+	pub       *amqp.Channel // plain publishes
+	conf      *amqp.Channel // confirm mode, for persistent publishes
+	consChans []*amqp.Channel
+	consTags  []string
+	ready     chan struct{} // closed while connected
+	stopped   bool
+	stopCons  bool
+
+	handlers sync.WaitGroup // delivery loops
+}
+
+func newLink(cfg linkConfig) *link {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Heartbeat == 0 {
+		cfg.Heartbeat = 5 * time.Second
+	}
+	if cfg.MinBackoff == 0 {
+		cfg.MinBackoff = 100 * time.Millisecond
+	}
+	if cfg.MaxBackoff == 0 {
+		cfg.MaxBackoff = 3 * time.Second
+	}
+	return &link{cfg: cfg, log: cfg.Logger, ready: make(chan struct{})}
+}
+
+var errNotConnected = errors.New("nanite: not connected to the broker")
+
+// run keeps the link connected until ctx ends. It returns nil when ctx ends
+// and an error only when the first connection fails with an error that
+// retrying cannot fix (bad credentials, unknown vhost).
+func (l *link) run(ctx context.Context) error {
+	backoff := l.cfg.MinBackoff
+	first := true
+	for {
+		conn, closed, err := l.connect()
+		if err != nil {
+			if first && isPermanent(err) {
+				return err
+			}
+			l.log.Warn("broker connection failed", "err", err, "retry_in", backoff)
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-time.After(backoff + rand.N(backoff/4+1)):
+			}
+			backoff = min(backoff*2, l.cfg.MaxBackoff)
+			continue
+		}
+		first = false
+		backoff = l.cfg.MinBackoff
+		l.log.Info("connected to broker", "name", l.cfg.Name)
+		if l.cfg.OnConnect != nil {
+			l.cfg.OnConnect()
+		}
+		select {
+		case <-ctx.Done():
+			l.shutdown(conn)
+			return nil
+		case cerr := <-closed:
+			l.markDown()
+			var err error = errNotConnected
+			if cerr != nil {
+				err = fmt.Errorf("nanite: broker connection lost: %w", cerr)
+			}
+			l.log.Warn("broker connection lost", "err", err)
+			_ = conn.Close()
+			if l.cfg.OnDisconnect != nil {
+				l.cfg.OnDisconnect(err)
+			}
+		}
+	}
+}
+
+func isPermanent(err error) bool {
+	var aerr *amqp.Error
+	if errors.As(err, &aerr) {
+		return aerr.Code == amqp.AccessRefused || aerr.Code == amqp.NotAllowed
+	}
+	return false
+}
+
+// connect dials, declares and starts consumers. closed receives when the
+// connection or any of its channels fails.
+func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
+	props := amqp.NewConnectionProperties()
+	props.SetClientConnectionName(l.cfg.Name)
+	conn, err := amqp.DialConfig(l.cfg.URL, amqp.Config{
+		Heartbeat:       l.cfg.Heartbeat,
+		TLSClientConfig: l.cfg.TLS,
+		Properties:      props,
+		Dial:            amqp.DefaultDial(5 * time.Second),
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("nanite: dial broker: %w", err)
+	}
+	fail := func(err error) (*amqp.Connection, <-chan *amqp.Error, error) {
+		_ = conn.Close()
+		return nil, nil, err
+	}
+	closed := make(chan *amqp.Error, 8)
+	conn.NotifyClose(closed)
+	watch := func(ch *amqp.Channel) {
+		c := ch.NotifyClose(make(chan *amqp.Error, 1))
+		go func() {
+			if e, ok := <-c; ok && e != nil {
+				select {
+				case closed <- e:
+				default:
+				}
+			}
+		}()
+	}
+
+	sch, err := conn.Channel()
+	if err != nil {
+		return fail(fmt.Errorf("nanite: open channel: %w", err))
+	}
+	if l.cfg.Setup != nil {
+		if err := l.cfg.Setup(topology{sch}); err != nil {
+			return fail(err)
+		}
+	}
+	_ = sch.Close()
+
+	pub, err := conn.Channel()
+	if err != nil {
+		return fail(fmt.Errorf("nanite: open channel: %w", err))
+	}
+	conf, err := conn.Channel()
+	if err != nil {
+		return fail(fmt.Errorf("nanite: open channel: %w", err))
+	}
+	if err := conf.Confirm(false); err != nil {
+		return fail(fmt.Errorf("nanite: confirm mode: %w", err))
+	}
+	watch(pub)
+	watch(conf)
+	if l.cfg.OnReturn != nil {
+		for _, ch := range []*amqp.Channel{pub, conf} {
+			rc := ch.NotifyReturn(make(chan amqp.Return, 64))
+			go func() {
+				for r := range rc {
+					l.cfg.OnReturn(returned{CorrelationID: r.CorrelationId, ReplyTo: r.ReplyTo,
+						Key: r.RoutingKey, Reason: r.ReplyText, Body: r.Body})
+				}
+			}()
+		}
+	}
+
+	var consChans []*amqp.Channel
+	var consTags []string
+	l.mu.Lock()
+	skipConsumers := l.stopCons
+	l.mu.Unlock()
+	for i, c := range l.cfg.Consumers {
+		if skipConsumers {
+			break
+		}
+		ch, err := conn.Channel()
+		if err != nil {
+			return fail(fmt.Errorf("nanite: open channel: %w", err))
+		}
+		if c.Prefetch > 0 {
+			if err := ch.Qos(c.Prefetch, 0, false); err != nil {
+				return fail(fmt.Errorf("nanite: qos: %w", err))
+			}
+		}
+		tag := fmt.Sprintf("%s#%d", l.cfg.Name, i)
+		ds, err := ch.Consume(c.Queue, tag, c.AutoAck, false, false, false, nil)
+		if err != nil {
+			return fail(fmt.Errorf("nanite: consume %s: %w", c.Queue, err))
+		}
+		watch(ch)
+		consChans = append(consChans, ch)
+		consTags = append(consTags, tag)
+		l.handlers.Add(1)
+		go l.deliver(ch, c, ds)
+	}
+
+	l.mu.Lock()
+	if l.stopped {
+		l.mu.Unlock()
+		return fail(ErrClosed)
+	}
+	l.conn, l.pub, l.conf, l.consChans, l.consTags = conn, pub, conf, consChans, consTags
+	close(l.ready)
+	l.mu.Unlock()
+	return conn, closed, nil
+}
+
+func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery) {
+	defer l.handlers.Done()
+	for d := range ds {
+		dv := &delivery{
+			Body:          d.Body,
+			CorrelationID: d.CorrelationId,
+			ReplyTo:       d.ReplyTo,
+			Type:          d.Type,
+			Headers:       d.Headers,
+			Redelivered:   d.Redelivered,
+		}
+		if deaths, ok := d.Headers["x-death"].([]any); ok && len(deaths) > 0 {
+			dv.DeadLettered = true
+			if t, ok := deaths[0].(amqp.Table); ok {
+				dv.DeathReason, _ = t["reason"].(string)
+			}
+		}
+		if !c.AutoAck {
+			tag := d.DeliveryTag
+			dv.ack = func() error { return ch.Ack(tag, false) }
+			dv.nack = func(requeue bool) error { return ch.Nack(tag, false, requeue) }
+		}
+		c.Handle(dv)
+	}
+}
+
+func (l *link) markDown() {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	select {
+	case <-l.ready:
+		l.ready = make(chan struct{})
+	default:
+	}
+	l.conn, l.pub, l.conf, l.consChans, l.consTags = nil, nil, nil, nil, nil
+}
+
+func (l *link) shutdown(conn *amqp.Connection) {
+	l.mu.Lock()
+	l.stopped = true
+	l.mu.Unlock()
+	l.markDown()
+	_ = conn.Close()
+}
+
+// stopConsuming cancels every consumer so that no new deliveries arrive;
+// messages already delivered can still be acknowledged.
+func (l *link) stopConsuming() {
+	l.mu.Lock()
+	chans, tags := l.consChans, l.consTags
+	l.stopCons = true
+	l.mu.Unlock()
+	for i, ch := range chans {
+		_ = ch.Cancel(tags[i], false)
+	}
+}
+
+// connected reports whether the link is up right now.
+func (l *link) connected() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	select {
+	case <-l.ready:
+		return true
+	default:
+		return false
+	}
+}
+
+// waitReady blocks until the link is connected or ctx ends.
+func (l *link) waitReady(ctx context.Context) error {
+	l.mu.Lock()
+	ready := l.ready
+	l.mu.Unlock()
+	select {
+	case <-ready:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("%w: %w", errNotConnected, context.Cause(ctx))
+	}
+}
+
+// publish sends m, waiting for a connection while ctx allows. A persistent
+// message is acknowledged by the broker (publisher confirm) before publish
+// returns. A publish that fails because the connection dropped is retried on
+// the next connection until ctx ends.
+func (l *link) publish(ctx context.Context, m message) error {
+	pub := amqp.Publishing{
+		Headers:       amqp.Table(m.Headers),
+		ContentType:   "application/json",
+		CorrelationId: m.CorrelationID,
+		ReplyTo:       m.ReplyTo,
+		Type:          m.Type,
+		Body:          m.Body,
+	}
+	if m.Expiration > 0 {
+		ms := m.Expiration.Milliseconds()
+		if ms < 1 {
+			ms = 1
+		}
+		pub.Expiration = fmt.Sprint(ms)
+	}
+	if m.Persistent {
+		pub.DeliveryMode = amqp.Persistent
+	}
+	for {
+		if err := l.waitReady(ctx); err != nil {
+			return err
+		}
+		l.mu.Lock()
+		ch := l.pub
+		if m.Persistent {
+			ch = l.conf
+		}
+		l.mu.Unlock()
+		if ch == nil {
+			continue
+		}
+		var err error
+		if m.Persistent {
+			var dc *amqp.DeferredConfirmation
+			dc, err = ch.PublishWithDeferredConfirmWithContext(ctx, m.Exchange, m.Key, m.Mandatory, false, pub)
+			if err == nil {
+				var ok bool
+				ok, err = dc.WaitContext(ctx)
+				if err == nil && !ok {
+					return fmt.Errorf("nanite: broker refused message for %s", m.Key)
+				}
+				if err != nil && ctx.Err() != nil {
+					return fmt.Errorf("nanite: waiting for publisher confirm: %w", err)
+				}
+			}
+		} else {
+			err = ch.PublishWithContext(ctx, m.Exchange, m.Key, m.Mandatory, false, pub)
+		}
+		if err == nil {
+			return nil
+		}
+		if ctx.Err() != nil {
+			return fmt.Errorf("nanite: publish to %q: %w", m.Key, err)
+		}
+		if !errors.Is(err, amqp.ErrClosed) && !ch.IsClosed() {
+			return fmt.Errorf("nanite: publish to %q: %w", m.Key, err)
+		}
+		// The channel went away under us: wait for the next connection.
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("nanite: publish to %q: %w", m.Key, err)
+		case <-time.After(10 * time.Millisecond):
+		}
+	}
+}
+
+// declare runs f on a fresh channel of the current connection.
+func (l *link) declare(ctx context.Context, f func(topology) error) error {
+	if err := l.waitReady(ctx); err != nil {
+		return err
+	}
+	l.mu.Lock()
+	conn := l.conn
+	l.mu.Unlock()
+	if conn == nil {
+		return errNotConnected
+	}
+	ch, err := conn.Channel()
+	if err != nil {
+		return fmt.Errorf("nanite: open channel: %w", err)
+	}
+	defer ch.Close()
+	return f(topology{ch})
+}

@@ -1,0 +1,241 @@
+package nanite
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"sync"
+)
+
+// Result is one agent's answer to a request.
+type Result struct {
+	Agent   string          // identity of the agent that answered
+	Payload json.RawMessage // the result, JSON; nil when Err is set
+	Err     error           // a *RemoteError when the agent answered with an error
+}
+
+// Decode unmarshals the result payload into v, or returns the result's error.
+func (r Result) Decode(v any) error {
+	if r.Err != nil {
+		return r.Err
+	}
+	if err := json.Unmarshal(r.Payload, v); err != nil {
+		return fmt.Errorf("nanite: decode result from %s: %w", r.Agent, err)
+	}
+	return nil
+}
+
+// Response collects the results of one request: one for selectors that pick a
+// single agent, one per agent for "all".
+type Response struct {
+	Token   string
+	Service string
+	Results []Result
+}
+
+// Decode unmarshals the first result into v (or returns its error).
+func (r *Response) Decode(v any) error {
+	if r == nil || len(r.Results) == 0 {
+		return fmt.Errorf("nanite: no result to decode")
+	}
+	return r.Results[0].Decode(v)
+}
+
+// Intermediate is a streamed intermediate result.
+type Intermediate struct {
+	Agent   string
+	Key     string
+	Payload json.RawMessage
+}
+
+// call is one outstanding request in a caller's table.
+type call struct {
+	token   string
+	service string
+
+	mu       sync.Mutex
+	expect   map[string]bool // agents still expected; nil: the first result packet completes
+	results  []Result
+	finished bool
+	done     chan struct{}
+	failure  error // set when the call failed as a whole
+
+	onIntermediate func(Intermediate)
+	// onResult, when set, is told about every result as it arrives (the
+	// mapper uses it for in-flight accounting and retries).
+	onResult func(c *call, agent string)
+}
+
+// complete records a result; it returns true when the call is finished.
+func (c *call) complete(r Result) bool {
+	c.mu.Lock()
+	if c.finished {
+		c.mu.Unlock()
+		return false
+	}
+	if c.expect != nil {
+		if !c.expect[r.Agent] {
+			c.mu.Unlock()
+			return false // unexpected or duplicate answer
+		}
+		delete(c.expect, r.Agent)
+	}
+	c.results = append(c.results, r)
+	fin := c.expect == nil || len(c.expect) == 0
+	if fin {
+		c.finished = true
+		close(c.done)
+	}
+	c.mu.Unlock()
+	return fin
+}
+
+// completeAll records a whole set of results and finishes the call.
+func (c *call) completeAll(rs []Result) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.finished {
+		return
+	}
+	c.results = append(c.results, rs...)
+	c.expect = nil
+	c.finished = true
+	close(c.done)
+}
+
+// fail ends the call with err unless it already finished.
+func (c *call) fail(err error) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.finished {
+		return false
+	}
+	c.failure = err
+	c.finished = true
+	close(c.done)
+	return true
+}
+
+// missing lists the agents that have not answered, sorted.
+func (c *call) missing() []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]string, 0, len(c.expect))
+	for a := range c.expect {
+		out = append(out, a)
+	}
+	sort.Strings(out)
+	return out
+}
+
+func (c *call) snapshot() []Result {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return append([]Result(nil), c.results...)
+}
+
+// calls is a table of outstanding requests keyed by token.
+type calls struct {
+	mu sync.Mutex
+	m  map[string]*call
+}
+
+func newCalls() *calls { return &calls{m: map[string]*call{}} }
+
+func (t *calls) add(c *call) {
+	t.mu.Lock()
+	t.m[c.token] = c
+	t.mu.Unlock()
+}
+
+func (t *calls) get(token string) *call {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.m[token]
+}
+
+func (t *calls) remove(token string) {
+	t.mu.Lock()
+	delete(t.m, token)
+	t.mu.Unlock()
+}
+
+func (t *calls) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.m)
+}
+
+func (t *calls) all() []*call {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	out := make([]*call, 0, len(t.m))
+	for _, c := range t.m {
+		out = append(out, c)
+	}
+	return out
+}
+
+// handleReply dispatches a packet that arrived on a reply queue. It returns
+// the call it belonged to, or nil.
+func (t *calls) handleReply(p *Packet) *call {
+	c := t.get(p.Token)
+	if c == nil {
+		return nil
+	}
+	switch p.Kind {
+	case KindIntermediate:
+		if c.onIntermediate != nil {
+			c.onIntermediate(Intermediate{Agent: p.From, Key: p.Key, Payload: p.Payload})
+		}
+	case KindResult:
+		if len(p.Results) > 0 {
+			// An aggregated answer relayed by a mapper: it ends the call.
+			rs := make([]Result, 0, len(p.Results))
+			for _, r := range p.Results {
+				rs = append(rs, Result{Agent: r.Agent, Payload: r.Payload, Err: remoteErr(r.Agent, r.Error)})
+			}
+			c.completeAll(rs)
+		} else {
+			c.complete(Result{Agent: p.From, Payload: p.Payload, Err: remoteErr(p.From, p.Error)})
+		}
+		if c.onResult != nil {
+			c.onResult(c, p.From)
+		}
+	}
+	return c
+}
+
+// wait blocks until the call finishes or ctx ends, and builds the response.
+func (c *call) wait(ctx context.Context) (*Response, error) {
+	select {
+	case <-c.done:
+	case <-ctx.Done():
+		if c.fail(nil) { // mark finished so late answers are ignored
+			resp := &Response{Token: c.token, Service: c.service, Results: c.snapshot()}
+			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
+				return resp, &TimeoutError{Service: c.service, Missing: c.missing()}
+			}
+			return resp, fmt.Errorf("nanite: request %s: %w", c.service, context.Cause(ctx))
+		}
+	}
+	resp := &Response{Token: c.token, Service: c.service, Results: c.snapshot()}
+	c.mu.Lock()
+	failure := c.failure
+	c.mu.Unlock()
+	if failure != nil {
+		return resp, failure
+	}
+	return resp, nil
+}
+
+// newToken returns a random 128-bit token in hex.
+func newToken() string {
+	var b [16]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}

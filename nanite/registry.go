@@ -1,0 +1,312 @@
+package nanite
+
+import (
+	"container/heap"
+	"math/rand/v2"
+	"slices"
+	"sort"
+	"time"
+)
+
+// AgentState is a mapper's view of one agent.
+type AgentState struct {
+	Identity   string        `json:"identity"`
+	Queue      string        `json:"queue"`
+	Services   []ServiceInfo `json:"services"`
+	Tags       []string      `json:"tags"`
+	Status     float64       `json:"status"`
+	InFlight   int           `json:"in_flight"`        // as the agent last reported it
+	Pending    int           `json:"mapper_in_flight"` // requests this mapper has outstanding to it
+	Version    string        `json:"version,omitempty"`
+	LastSeen   time.Time     `json:"last_seen"`
+	Registered time.Time     `json:"registered"`
+	Heartbeat  time.Duration `json:"heartbeat_interval"`
+}
+
+// agentEntry is a registry record. Every field is guarded by the mapper's
+// mutex.
+type agentEntry struct {
+	AgentState
+	tags   map[string]struct{}
+	idem   map[string]bool
+	member map[string]*membership // by service
+}
+
+type membership struct {
+	list int // index in serviceSet.list
+	heap int // index in serviceSet.heap
+}
+
+// serviceSet holds the agents that offer one service: a slice for random,
+// round-robin and fan-out, and a min-heap on score for least-loaded.
+type serviceSet struct {
+	name   string
+	list   []*agentEntry
+	heap   loadHeap
+	rr     int
+	weight float64
+}
+
+type loadHeap struct {
+	svc    string
+	items  []*agentEntry
+	weight float64
+}
+
+func (h *loadHeap) Len() int { return len(h.items) }
+func (h *loadHeap) Less(i, j int) bool {
+	return score(h.items[i], h.weight) < score(h.items[j], h.weight)
+}
+func (h *loadHeap) Swap(i, j int) {
+	h.items[i], h.items[j] = h.items[j], h.items[i]
+	h.items[i].member[h.svc].heap = i
+	h.items[j].member[h.svc].heap = j
+}
+func (h *loadHeap) Push(x any) {
+	e := x.(*agentEntry)
+	e.member[h.svc].heap = len(h.items)
+	h.items = append(h.items, e)
+}
+func (h *loadHeap) Pop() any {
+	n := len(h.items) - 1
+	e := h.items[n]
+	h.items[n] = nil
+	h.items = h.items[:n]
+	return e
+}
+
+// score is the figure least-loaded selection minimises: the load the agent
+// reported plus the requests this mapper has sent it and not yet seen
+// answered, so that a burst is spread instead of all going to the agent that
+// was least loaded at its last heartbeat.
+func score(e *agentEntry, weight float64) float64 {
+	return e.Status + weight*float64(e.Pending)
+}
+
+// registry is the cluster state a mapper keeps. It is not safe for
+// concurrent use; the mapper guards it.
+type registry struct {
+	agents   map[string]*agentEntry
+	services map[string]*serviceSet
+	weight   float64
+}
+
+func newRegistry(weight float64) *registry {
+	return &registry{agents: map[string]*agentEntry{}, services: map[string]*serviceSet{}, weight: weight}
+}
+
+// upsert records a registration, replacing what was known of the agent. It
+// returns whether the agent was new.
+func (r *registry) upsert(s AgentState, now time.Time) bool {
+	old, existed := r.agents[s.Identity]
+	pending := 0
+	if existed {
+		pending = old.Pending
+		r.remove(s.Identity)
+	}
+	s.Pending = pending
+	s.LastSeen = now
+	if s.Registered.IsZero() {
+		s.Registered = now
+	}
+	e := &agentEntry{AgentState: s, tags: map[string]struct{}{}, idem: map[string]bool{}, member: map[string]*membership{}}
+	for _, t := range s.Tags {
+		e.tags[t] = struct{}{}
+	}
+	for _, svc := range s.Services {
+		if _, dup := e.member[svc.Name]; dup {
+			continue
+		}
+		e.idem[svc.Name] = svc.Idempotent
+		set := r.services[svc.Name]
+		if set == nil {
+			set = &serviceSet{name: svc.Name, heap: loadHeap{svc: svc.Name, weight: r.weight}}
+			r.services[svc.Name] = set
+		}
+		m := &membership{list: len(set.list)}
+		e.member[svc.Name] = m
+		set.list = append(set.list, e)
+		heap.Push(&set.heap, e)
+	}
+	r.agents[s.Identity] = e
+	return !existed
+}
+
+// remove forgets an agent. It returns the removed entry or nil.
+func (r *registry) remove(id string) *agentEntry {
+	e := r.agents[id]
+	if e == nil {
+		return nil
+	}
+	delete(r.agents, id)
+	for svc, m := range e.member {
+		set := r.services[svc]
+		last := len(set.list) - 1
+		if m.list != last {
+			moved := set.list[last]
+			set.list[m.list] = moved
+			moved.member[svc].list = m.list
+		}
+		set.list[last] = nil
+		set.list = set.list[:last]
+		heap.Remove(&set.heap, m.heap)
+		if len(set.list) == 0 {
+			delete(r.services, svc)
+		}
+	}
+	return e
+}
+
+// heartbeat updates an agent's status. It returns false for an unknown
+// agent (the mapper then asks it to advertise).
+func (r *registry) heartbeat(id string, status float64, inflight int, now time.Time) bool {
+	e := r.agents[id]
+	if e == nil {
+		return false
+	}
+	e.LastSeen = now
+	e.InFlight = inflight
+	if e.Status != status {
+		e.Status = status
+		r.fix(e)
+	}
+	return true
+}
+
+// addPending changes the count of this mapper's outstanding requests to an
+// agent.
+func (r *registry) addPending(id string, delta int) {
+	e := r.agents[id]
+	if e == nil {
+		return
+	}
+	e.Pending += delta
+	if e.Pending < 0 {
+		e.Pending = 0
+	}
+	r.fix(e)
+}
+
+func (r *registry) fix(e *agentEntry) {
+	for svc, m := range e.member {
+		heap.Fix(&r.services[svc].heap, m.heap)
+	}
+}
+
+// expired returns the agents last seen before cutoff, where cutoff depends
+// on each agent's own heartbeat interval.
+func (r *registry) expired(now time.Time, timeout func(*AgentState) time.Duration) []string {
+	var out []string
+	for id, e := range r.agents {
+		if now.Sub(e.LastSeen) > timeout(&e.AgentState) {
+			out = append(out, id)
+		}
+	}
+	return out
+}
+
+// selection is the outcome of choosing agents for a request.
+type selection struct {
+	agents     []*agentEntry
+	idempotent bool
+}
+
+func (e *agentEntry) hasTags(tags []string, match string) bool {
+	if len(tags) == 0 {
+		return true
+	}
+	if match == MatchAny {
+		for _, t := range tags {
+			if _, ok := e.tags[t]; ok {
+				return true
+			}
+		}
+		return false
+	}
+	for _, t := range tags {
+		if _, ok := e.tags[t]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// pick chooses agents for a request. exclude lists agents already tried (for
+// retries). Least-loaded without tags is O(1) (heap top); with exclusions or
+// tags it scans the agents offering the service.
+func (r *registry) pick(service string, o *requestOptions, exclude map[string]bool) []*agentEntry {
+	if o.target != "" {
+		e := r.agents[o.target]
+		if e == nil || e.member[service] == nil || exclude[o.target] {
+			return nil
+		}
+		return []*agentEntry{e}
+	}
+	set := r.services[service]
+	if set == nil || len(set.list) == 0 {
+		return nil
+	}
+	ok := func(e *agentEntry) bool { return !exclude[e.Identity] && e.hasTags(o.tags, o.tagMatch) }
+	filtered := len(o.tags) > 0 || len(exclude) > 0
+	switch o.selector {
+	case SelectAll:
+		out := make([]*agentEntry, 0, len(set.list))
+		for _, e := range set.list {
+			if ok(e) {
+				out = append(out, e)
+			}
+		}
+		return out
+	case SelectRandom:
+		if !filtered {
+			return []*agentEntry{set.list[rand.IntN(len(set.list))]}
+		}
+		var cands []*agentEntry
+		for _, e := range set.list {
+			if ok(e) {
+				cands = append(cands, e)
+			}
+		}
+		if len(cands) == 0 {
+			return nil
+		}
+		return []*agentEntry{cands[rand.IntN(len(cands))]}
+	case SelectRoundRobin:
+		n := len(set.list)
+		for i := 0; i < n; i++ {
+			e := set.list[(set.rr+i)%n]
+			if ok(e) {
+				set.rr = (set.rr + i + 1) % n
+				return []*agentEntry{e}
+			}
+		}
+		return nil
+	default: // least loaded
+		if !filtered {
+			return []*agentEntry{set.heap.items[0]}
+		}
+		var best *agentEntry
+		for _, e := range set.list {
+			if ok(e) && (best == nil || score(e, r.weight) < score(best, r.weight)) {
+				best = e
+			}
+		}
+		if best == nil {
+			return nil
+		}
+		return []*agentEntry{best}
+	}
+}
+
+// snapshot copies the state of every agent, sorted by identity.
+func (r *registry) snapshot() []AgentState {
+	out := make([]AgentState, 0, len(r.agents))
+	for _, e := range r.agents {
+		s := e.AgentState
+		s.Services = slices.Clone(s.Services)
+		s.Tags = slices.Clone(s.Tags)
+		out = append(out, s)
+	}
+	sort.Slice(out, func(i, j int) bool { return out[i].Identity < out[j].Identity })
+	return out
+}
