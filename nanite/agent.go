@@ -80,6 +80,7 @@ type Agent struct {
 	inflight atomic.Int64
 	start    time.Time
 
+	linkCtx       context.Context // set by Run before the link starts
 	handlerCtx    context.Context
 	cancelHandler context.CancelCauseFunc
 	handlers      sync.WaitGroup
@@ -141,6 +142,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		dedupe:  newDedupe(cfg.DedupeSize),
 	}
 	a.AddActor(a.builtinActor())
+	a.link = a.newAgentLink()
 	return a, nil
 }
 
@@ -204,7 +206,31 @@ func (a *Agent) Run(ctx context.Context) error {
 	linkCtx, stopLink := context.WithCancel(context.Background())
 	defer stopLink()
 
-	a.link = newLink(linkConfig{
+	a.linkCtx = linkCtx
+	linkErr := make(chan error, 1)
+	go func() { linkErr <- a.link.run(linkCtx) }()
+
+	hb := time.NewTicker(a.cfg.HeartbeatInterval)
+	defer hb.Stop()
+	for {
+		select {
+		case err := <-linkErr:
+			a.cancelHandler(ErrClosed)
+			return err
+		case <-hb.C:
+			a.heartbeat(linkCtx)
+		case <-ctx.Done():
+			a.shutdown(linkCtx)
+			stopLink()
+			<-linkErr
+			return nil
+		}
+	}
+}
+
+// newAgentLink builds the agent's link: its topology and consumers.
+func (a *Agent) newAgentLink() *link {
+	return newLink(linkConfig{
 		URL:    a.cfg.URL,
 		TLS:    a.cfg.TLS,
 		Name:   "nanite-agent " + a.id,
@@ -225,28 +251,8 @@ func (a *Agent) Run(ctx context.Context) error {
 			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery},
 			{Queue: ReplyQueue(a.id), AutoAck: true, Handle: a.handleReply},
 		},
-		OnConnect: func() { go a.register(linkCtx) },
+		OnConnect: func() { go a.register(a.linkCtx) },
 	})
-
-	linkErr := make(chan error, 1)
-	go func() { linkErr <- a.link.run(linkCtx) }()
-
-	hb := time.NewTicker(a.cfg.HeartbeatInterval)
-	defer hb.Stop()
-	for {
-		select {
-		case err := <-linkErr:
-			a.cancelHandler(ErrClosed)
-			return err
-		case <-hb.C:
-			a.heartbeat(linkCtx)
-		case <-ctx.Done():
-			a.shutdown(linkCtx)
-			stopLink()
-			<-linkErr
-			return nil
-		}
-	}
 }
 
 func (a *Agent) shutdown(linkCtx context.Context) {

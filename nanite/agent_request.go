@@ -20,7 +20,7 @@ func (a *Agent) Push(ctx context.Context, service string, payload any, opts ...R
 }
 
 func (a *Agent) originate(ctx context.Context, kind Kind, service string, payload any, opts []RequestOption) (*Response, error) {
-	if a.link == nil {
+	if !a.started.Load() {
 		return nil, fmt.Errorf("%w: agent is not running", ErrClosed)
 	}
 	o, err := buildOptions(opts)

@@ -247,12 +247,13 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 		_ = conn.Close()
 		return nil, nil, err
 	}
+	// closed is ours and never closed; the library closes the channels it
+	// is given with NotifyClose, so each gets its own forwarding goroutine.
 	closed := make(chan *amqp.Error, 8)
-	conn.NotifyClose(closed)
-	watch := func(ch *amqp.Channel) {
-		c := ch.NotifyClose(make(chan *amqp.Error, 1))
+	forward := func(c chan *amqp.Error, always bool) {
 		go func() {
-			if e, ok := <-c; ok && e != nil {
+			e, ok := <-c
+			if (ok && e != nil) || always {
 				select {
 				case closed <- e:
 				default:
@@ -260,6 +261,8 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 			}
 		}()
 	}
+	forward(conn.NotifyClose(make(chan *amqp.Error, 1)), true)
+	watch := func(ch *amqp.Channel) { forward(ch.NotifyClose(make(chan *amqp.Error, 1)), false) }
 
 	sch, err := conn.Channel()
 	if err != nil {

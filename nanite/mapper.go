@@ -70,6 +70,7 @@ type Mapper struct {
 	upSince  time.Time         // when the current connection came up
 
 	running atomic.Bool
+	linkCtx context.Context // set by Run before the link starts
 	stats   mapperStats
 	relays  sync.WaitGroup
 	sem     chan struct{}
@@ -130,7 +131,7 @@ func NewMapper(cfg MapperConfig) (*Mapper, error) {
 	if !ValidIdentity(id) {
 		return nil, fmt.Errorf("nanite: invalid mapper identity %q", id)
 	}
-	return &Mapper{
+	m := &Mapper{
 		cfg:      cfg,
 		id:       id,
 		log:      cfg.Logger.With("mapper", id),
@@ -138,7 +139,9 @@ func NewMapper(cfg MapperConfig) (*Mapper, error) {
 		out:      map[string]*mcall{},
 		appeared: make(chan struct{}),
 		sem:      make(chan struct{}, cfg.RelayConcurrency),
-	}, nil
+	}
+	m.link = m.newMapperLink()
+	return m, nil
 }
 
 // Identity is the mapper's identity.
@@ -152,6 +155,34 @@ func (m *Mapper) Run(ctx context.Context) error {
 	if !m.running.CompareAndSwap(false, true) {
 		return errors.New("nanite: mapper already running")
 	}
+	linkCtx, stopLink := context.WithCancel(context.Background())
+	defer stopLink()
+	m.linkCtx = linkCtx
+	linkErr := make(chan error, 1)
+	go func() { linkErr <- m.link.run(linkCtx) }()
+
+	reap := time.NewTicker(250 * time.Millisecond)
+	defer reap.Stop()
+	for {
+		select {
+		case err := <-linkErr:
+			m.failAll(ErrClosed)
+			return err
+		case <-reap.C:
+			m.reap()
+		case <-ctx.Done():
+			m.link.stopConsuming()
+			m.relays.Wait()
+			m.failAll(fmt.Errorf("%w: mapper stopped", ErrClosed))
+			stopLink()
+			<-linkErr
+			return nil
+		}
+	}
+}
+
+// newMapperLink builds the mapper's link: its topology and consumers.
+func (m *Mapper) newMapperLink() *link {
 	consumers := []consumerSpec{
 		{Queue: m.stateQueue("registration"), AutoAck: true, Handle: m.handleState},
 		{Queue: m.stateQueue("heartbeat"), AutoAck: true, Handle: m.handleState},
@@ -163,9 +194,7 @@ func (m *Mapper) Run(ctx context.Context) error {
 	if m.cfg.ServeFailsafe {
 		consumers = append(consumers, consumerSpec{Queue: QueueOffline, Prefetch: 1000, Handle: m.handleRelay})
 	}
-	linkCtx, stopLink := context.WithCancel(context.Background())
-	defer stopLink()
-	m.link = newLink(linkConfig{
+	return newLink(linkConfig{
 		URL:    m.cfg.URL,
 		TLS:    m.cfg.TLS,
 		Name:   "nanite-mapper " + m.id,
@@ -193,30 +222,9 @@ func (m *Mapper) Run(ctx context.Context) error {
 			m.mu.Lock()
 			m.upSince = time.Now()
 			m.mu.Unlock()
-			go m.advertiseAll(linkCtx)
+			go m.advertiseAll(m.linkCtx)
 		},
 	})
-	linkErr := make(chan error, 1)
-	go func() { linkErr <- m.link.run(linkCtx) }()
-
-	reap := time.NewTicker(250 * time.Millisecond)
-	defer reap.Stop()
-	for {
-		select {
-		case err := <-linkErr:
-			m.failAll(ErrClosed)
-			return err
-		case <-reap.C:
-			m.reap()
-		case <-ctx.Done():
-			m.link.stopConsuming()
-			m.relays.Wait()
-			m.failAll(fmt.Errorf("%w: mapper stopped", ErrClosed))
-			stopLink()
-			<-linkErr
-			return nil
-		}
-	}
 }
 
 // advertiseAll asks every agent to register again, so that a new mapper

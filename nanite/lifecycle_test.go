@@ -1,0 +1,339 @@
+package nanite
+
+import (
+	"context"
+	"errors"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nanite-go/nanite/testenv"
+)
+
+func hasAgent(m *Mapper, id string) bool {
+	for _, a := range m.Agents() {
+		if a.Identity == id {
+			return true
+		}
+	}
+	return false
+}
+
+func eventually(t *testing.T, what string, within time.Duration, f func() bool) {
+	t.Helper()
+	end := time.Now().Add(within)
+	for time.Now().Before(end) {
+		if f() {
+			return
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	t.Fatalf("not within %v: %s", within, what)
+}
+
+func TestRegistrationLifecycle(t *testing.T) {
+	c := newCluster(t)
+	m, _ := c.mapper(MapperConfig{})
+	a, stop := c.agent(AgentConfig{Tags: []string{"t1"}}, testActor(new(string), nil))
+	waitAgents(t, m, "/echo/say", 1)
+	st := m.Agents()[0]
+	if st.Identity != a.Identity() || st.Tags[0] != "t1" || st.Heartbeat != 200*time.Millisecond {
+		t.Fatalf("registered state %+v", st)
+	}
+
+	t.Run("self_healing", func(t *testing.T) {
+		// The mapper forgets the agent; its next heartbeat makes the
+		// mapper ask it to advertise, and it registers again.
+		// Let the registrations of startup (connect, then the mapper's
+		// advertise round) land first.
+		time.Sleep(300 * time.Millisecond)
+		m.mu.Lock()
+		m.reg.remove(a.Identity())
+		m.mu.Unlock()
+		eventually(t, "agent re-registered after an unknown heartbeat", 5*time.Second, func() bool { return hasAgent(m, a.Identity()) })
+		if m.Stats()["advertise_requests"] == 0 {
+			t.Fatal("no advertise request was sent")
+		}
+	})
+
+	t.Run("late_mapper_learns_at_once", func(t *testing.T) {
+		m2, _ := c.mapper(MapperConfig{})
+		waitAgents(t, m2, "/echo/say", 1)
+	})
+
+	t.Run("graceful_stop_unregisters", func(t *testing.T) {
+		stop()
+		// Unregister arrives long before the 600 ms heartbeat timeout
+		// would drop it; the reaper must not be what removed it.
+		eventually(t, "agent gone after unregister", 5*time.Second, func() bool { return !hasAgent(m, a.Identity()) })
+		if m.Stats()["agents_dropped"] != 0 {
+			t.Fatalf("agent was reaped instead of unregistering: %v", m.Stats())
+		}
+	})
+}
+
+func TestAgentKilledIsDropped(t *testing.T) {
+	c := newCluster(t)
+	m, _ := c.mapper(MapperConfig{})
+	cmd := startHelperAgent(t, c.url, NewIdentity("victim"), 200*time.Millisecond)
+	waitAgents(t, m, "/work/slow", 1)
+	_ = cmd.Process.Kill()
+	eventually(t, "killed agent dropped by the reaper", 5*time.Second, func() bool { return len(m.Agents()) == 0 })
+	if m.Stats()["agents_dropped"] != 1 {
+		t.Fatalf("stats %v", m.Stats())
+	}
+}
+
+// An agent killed while it runs a non-idempotent request: the caller gets
+// ErrAgentLost well before the request's deadline.
+func TestAgentKilledMidRequest(t *testing.T) {
+	c := newCluster(t)
+	m, _ := c.mapper(MapperConfig{})
+	victim := NewIdentity("victim")
+	cmd := startHelperAgent(t, c.url, victim, 200*time.Millisecond)
+	waitAgents(t, m, "/work/slow", 1)
+
+	started := make(chan struct{}, 1)
+	errc := make(chan error, 1)
+	go func() {
+		_, err := m.Request(context.Background(), "/work/slow", map[string]int{"ms": 60000}, WithTimeout(30*time.Second),
+			OnIntermediate(func(Intermediate) { started <- struct{}{} }))
+		errc <- err
+	}()
+	<-started
+	_ = cmd.Process.Kill()
+	select {
+	case err := <-errc:
+		if !errors.Is(err, ErrAgentLost) {
+			t.Fatalf("want ErrAgentLost, got %v", err)
+		}
+		var re *RemoteError
+		if !errors.As(err, &re) || re.Agent != victim {
+			t.Fatalf("error should name the agent: %v", err)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("request still hanging 20 s after its agent died")
+	}
+}
+
+// An idempotent request whose agent is killed is retried on another agent.
+func TestIdempotentRetriedElsewhere(t *testing.T) {
+	c := newCluster(t)
+	m, _ := c.mapper(MapperConfig{})
+	victim := NewIdentity("victim")
+	cmd := startHelperAgent(t, c.url, victim, 200*time.Millisecond)
+	waitAgents(t, m, "/work/idem", 1)
+
+	started := make(chan struct{}, 2)
+	type out struct {
+		resp *Response
+		err  error
+	}
+	res := make(chan out, 1)
+	go func() {
+		resp, err := m.Request(context.Background(), "/work/idem", map[string]int{"ms": 1500}, WithTimeout(30*time.Second),
+			OnIntermediate(func(Intermediate) { started <- struct{}{} }))
+		res <- out{resp, err}
+	}()
+	<-started
+	// A second agent appears, then the first dies.
+	rescuer, _ := c.agent(AgentConfig{HeartbeatInterval: 200 * time.Millisecond}, helperActor("rescuer"))
+	waitAgents(t, m, "/work/idem", 2)
+	_ = cmd.Process.Kill()
+	select {
+	case o := <-res:
+		if o.err != nil {
+			t.Fatalf("retried request failed: %v", o.err)
+		}
+		if o.resp.Results[0].Agent != rescuer.Identity() {
+			t.Fatalf("answered by %s", o.resp.Results[0].Agent)
+		}
+	case <-time.After(20 * time.Second):
+		t.Fatal("retried request hanging")
+	}
+	if m.Stats()["retries"] != 1 {
+		t.Fatalf("stats %v", m.Stats())
+	}
+}
+
+// Exactly one of several mapper daemons handles an agent-originated request
+// (Nanite ran it once per mapper).
+func TestAgentOriginatedRequestHandledOnce(t *testing.T) {
+	c := newCluster(t)
+	for range 3 {
+		c.mapper(MapperConfig{ServeAgentRequests: true})
+	}
+	var counted atomic.Int64
+	c.agent(AgentConfig{}, NewActor("counter").Expose("incr", func(ctx context.Context, r *Request) (any, error) {
+		return counted.Add(1), nil
+	}))
+	var pushed atomic.Int64
+	c.agent(AgentConfig{}, NewActor("sink").Expose("put", func(ctx context.Context, r *Request) (any, error) {
+		pushed.Add(1)
+		return nil, nil
+	}))
+	caller, _ := c.agent(AgentConfig{}, NewActor("caller").Expose("go", func(ctx context.Context, r *Request) (any, error) {
+		resp, err := r.Agent.Request(ctx, "/counter/incr", nil)
+		if err != nil {
+			return nil, err
+		}
+		if err := r.Agent.Push(ctx, "/sink/put", "x"); err != nil {
+			return nil, err
+		}
+		var n int
+		err = resp.Decode(&n)
+		return n, err
+	}))
+	m, _ := c.mapper(MapperConfig{})
+	waitAgents(t, m, "", 3)
+	_ = caller
+	resp, err := m.Request(t.Context(), "/caller/go", nil, WithTimeout(10*time.Second))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var n int
+	if err := resp.Decode(&n); err != nil || n != 1 {
+		t.Fatalf("counter answered %d %v", n, err)
+	}
+	eventually(t, "push delivered", 5*time.Second, func() bool { return pushed.Load() >= 1 })
+	time.Sleep(500 * time.Millisecond) // time for any duplicate to show up
+	if counted.Load() != 1 || pushed.Load() != 1 {
+		t.Fatalf("three mappers: request ran %d times, push %d times", counted.Load(), pushed.Load())
+	}
+
+	// An agent-originated request for a service nobody offers fails clearly.
+	_, err = caller.Request(t.Context(), "/nobody/here", nil, WithTimeout(5*time.Second))
+	if !errors.Is(err, ErrNoAgent) {
+		t.Fatalf("agent-originated request to unknown service: %v", err)
+	}
+}
+
+func TestOfflineFailsafe(t *testing.T) {
+	c := newCluster(t)
+	c.mapper(MapperConfig{ServeFailsafe: true})
+	m, _ := c.mapper(MapperConfig{Warmup: time.Millisecond})
+	time.Sleep(100 * time.Millisecond)
+
+	// Without the failsafe: fails at once.
+	if _, err := m.Request(t.Context(), "/late/run", nil); !errors.Is(err, ErrNoAgent) {
+		t.Fatalf("without failsafe: %v", err)
+	}
+	// With it, but nobody comes: a timeout that says where it waited.
+	_, err := m.Request(t.Context(), "/late/run", nil, OfflineFailsafe(), WithTimeout(700*time.Millisecond))
+	var te *TimeoutError
+	if !errors.As(err, &te) || te.Detail == "" {
+		t.Fatalf("failsafe expiry: %v", err)
+	}
+	// With it, and an agent comes later: the held request is delivered.
+	res := make(chan error, 1)
+	var answer string
+	go func() {
+		resp, err := m.Request(context.Background(), "/late/run", "hello", OfflineFailsafe(), Persistent(), WithTimeout(20*time.Second))
+		if err == nil {
+			err = resp.Decode(&answer)
+		}
+		res <- err
+	}()
+	time.Sleep(500 * time.Millisecond)
+	c.agent(AgentConfig{}, NewActor("late").Expose("run", func(ctx context.Context, r *Request) (any, error) {
+		var s string
+		_ = r.Decode(&s)
+		return s + " from a late agent", nil
+	}))
+	select {
+	case err := <-res:
+		if err != nil || answer != "hello from a late agent" {
+			t.Fatalf("failsafe delivery: %q %v", answer, err)
+		}
+	case <-time.After(25 * time.Second):
+		t.Fatal("failsafe request hanging")
+	}
+}
+
+// The broker restarts while requests are in flight: every request ends with
+// a result or a clear error by its deadline, agents and mappers reconnect,
+// and a persistent request waiting in a durable queue survives.
+func TestBrokerRestart(t *testing.T) {
+	r := testenv.RunRabbitMQ(t, testenv.RabbitOptions{Name: "restart"})
+	c := &cluster{t: t, url: r.URL()}
+	m, _ := c.mapper(MapperConfig{AgentTimeout: 30 * time.Second})
+	a, _ := c.agent(AgentConfig{}, testActor(new(string), nil))
+	waitAgents(t, m, "/echo/slow", 1)
+
+	// Load: requests in flight across the restart.
+	var wg sync.WaitGroup
+	var ok, failed atomic.Int64
+	stopLoad := make(chan struct{})
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				select {
+				case <-stopLoad:
+					return
+				default:
+				}
+				_, err := m.Request(context.Background(), "/echo/slow", 20, WithTimeout(3*time.Second), Persistent())
+				if err != nil {
+					failed.Add(1)
+				} else {
+					ok.Add(1)
+				}
+			}
+		}()
+	}
+	time.Sleep(500 * time.Millisecond)
+	before := ok.Load()
+	if err := r.Restart(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "requests succeed again after the restart", 30*time.Second, func() bool { return ok.Load() > before+20 })
+	close(stopLoad)
+	done := make(chan struct{})
+	go func() { wg.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		t.Fatal("a request outlived its 3 s deadline across the restart")
+	}
+	t.Logf("across the restart: %d ok, %d failed with an error", ok.Load(), failed.Load())
+	if !hasAgent(m, a.Identity()) {
+		t.Fatal("agent not registered after the restart")
+	}
+}
+
+// A persistent request published while its agent is down stays in the
+// agent's durable queue across a broker restart and is answered when the
+// agent comes back.
+func TestPersistentRequestSurvivesRestart(t *testing.T) {
+	r := testenv.RunRabbitMQ(t, testenv.RabbitOptions{Name: "persist"})
+	c := &cluster{t: t, url: r.URL()}
+	m, _ := c.mapper(MapperConfig{AgentTimeout: time.Minute})
+	id := NewIdentity("sleeper")
+	cmd := startHelperAgent(t, c.url, id, 200*time.Millisecond)
+	waitAgents(t, m, "/work/slow", 1)
+	_ = cmd.Process.Kill()
+	_ = cmd.Wait()
+	time.Sleep(200 * time.Millisecond)
+
+	res := make(chan error, 1)
+	go func() {
+		_, err := m.Request(context.Background(), "/work/slow", map[string]int{"ms": 1}, Persistent(), WithTimeout(60*time.Second))
+		res <- err
+	}()
+	time.Sleep(500 * time.Millisecond) // published and confirmed
+	if err := r.Restart(t.Context()); err != nil {
+		t.Fatal(err)
+	}
+	startHelperAgent(t, c.url, id, 200*time.Millisecond)
+	select {
+	case err := <-res:
+		if err != nil {
+			t.Fatalf("persistent request: %v", err)
+		}
+	case <-time.After(60 * time.Second):
+		t.Fatal("persistent request lost")
+	}
+}
