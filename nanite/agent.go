@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"runtime/debug"
+	"slices"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -26,6 +27,7 @@ const (
 	DefaultShutdownGrace     = 10 * time.Second
 	DefaultRequestTimeout    = 30 * time.Second
 	DefaultDedupeSize        = 10000
+	DefaultClockSkew         = time.Second
 )
 
 // AgentConfig configures an agent. Only URL is required.
@@ -59,6 +61,10 @@ type AgentConfig struct {
 	// RequestTimeout is the default deadline of requests the agent makes
 	// itself (default 30 s).
 	RequestTimeout time.Duration
+	// ClockSkew is the tolerance applied to request deadlines, which were
+	// set by the requester's clock (default 1 s): a request expires here
+	// only ClockSkew after its deadline, and its handler runs until then.
+	ClockSkew time.Duration
 	// DedupeSize bounds the cache of recently handled request tokens
 	// (default 10000).
 	DedupeSize int
@@ -84,6 +90,8 @@ type Agent struct {
 	handlerCtx    context.Context
 	cancelHandler context.CancelCauseFunc
 	handlers      sync.WaitGroup
+	stopMu        sync.Mutex
+	stopping      bool
 }
 
 type agentStats struct {
@@ -113,6 +121,11 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	if cfg.RequestTimeout <= 0 {
 		cfg.RequestTimeout = DefaultRequestTimeout
+	}
+	if cfg.ClockSkew == 0 {
+		cfg.ClockSkew = DefaultClockSkew
+	} else if cfg.ClockSkew < 0 {
+		cfg.ClockSkew = 0
 	}
 	if cfg.DedupeSize <= 0 {
 		cfg.DedupeSize = DefaultDedupeSize
@@ -148,6 +161,11 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 
 // Identity is the agent's identity.
 func (a *Agent) Identity() string { return a.id }
+
+// Ready blocks until the agent is connected (and has declared its queue).
+// It returns an error wrapping ErrConnection when the broker refused the
+// agent for good or when ctx ends first.
+func (a *Agent) Ready(ctx context.Context) error { return a.link.awaitUp(ctx) }
 
 // AddActor adds the methods of actor to the agent. It panics when a service
 // is already registered or when the agent is already running.
@@ -257,6 +275,9 @@ func (a *Agent) newAgentLink() *link {
 
 func (a *Agent) shutdown(linkCtx context.Context) {
 	a.log.Info("agent shutting down", "in_flight", a.inflight.Load())
+	a.stopMu.Lock()
+	a.stopping = true
+	a.stopMu.Unlock()
 	a.link.stopConsuming()
 	done := make(chan struct{})
 	go func() { a.handlers.Wait(); close(done) }()
@@ -356,7 +377,7 @@ func (a *Agent) handleDelivery(d *delivery) {
 	}
 
 	// Duplicates: a redelivered or retried request already handled here.
-	if cached, state := a.dedupe.check(p.Token); state != dedupeNew {
+	if cached, state := a.dedupe.check(p.Token, p.ReplyTo); p.Token != "" && state != dedupeNew {
 		a.stats.duplicates.Add(1)
 		a.log.Info("duplicate request", "token", p.Token, "service", p.Type, "done", state == dedupeDone)
 		if state == dedupeDone && cached != nil && p.ReplyTo != "" {
@@ -378,13 +399,29 @@ func (a *Agent) handleDelivery(d *delivery) {
 		return
 	}
 	deadline := p.deadlineTime()
+	if !deadline.IsZero() {
+		// Clocks differ between machines: the deadline is honoured with
+		// ClockSkew of tolerance both ways (see docs/protocol.md).
+		deadline = deadline.Add(a.cfg.ClockSkew)
+	}
 	if !deadline.IsZero() && time.Now().After(deadline) {
 		a.stats.expired.Add(1)
 		a.finish(d, p, nil, &ErrorBody{Code: CodeExpired, Message: fmt.Sprintf("deadline passed %v before %s ran", time.Since(deadline).Round(time.Millisecond), svc)})
 		return
 	}
-	a.dedupe.begin(p.Token)
+	// Handlers may start only while the agent is not stopping, so that
+	// shutdown's Wait never races an Add.
+	a.stopMu.Lock()
+	if a.stopping {
+		a.stopMu.Unlock()
+		_ = d.Nack(true) // back to the queue for after the restart
+		return
+	}
 	a.handlers.Add(1)
+	a.stopMu.Unlock()
+	if p.Token != "" {
+		a.dedupe.begin(p.Token, p.ReplyTo)
+	}
 	a.inflight.Add(1)
 	go a.run(d, p, svc, m, deadline)
 }
@@ -472,7 +509,15 @@ func (a *Agent) finish(d *delivery, p *Packet, payload json.RawMessage, ebody *E
 	if p.Kind == KindRequest && p.ReplyTo != "" {
 		body = a.reply(d, p, payload, ebody)
 	}
-	a.dedupe.done(p.Token, body)
+	if p.Token != "" {
+		for _, replyTo := range a.dedupe.done(p.Token, body) {
+			// Copies that arrived while it ran, from another requester
+			// (a mapper daemon that took over a relay), get the answer too.
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+			_ = a.link.publish(ctx, message{Key: replyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult)})
+			cancel()
+		}
+	}
 	if err := d.Ack(); err != nil {
 		a.log.Warn("ack failed; the broker will redeliver and the duplicate will be answered from cache", "token", p.Token, "err", err)
 	}
@@ -495,7 +540,9 @@ func (a *Agent) reply(d *delivery, p *Packet, payload json.RawMessage, ebody *Er
 		ctx, cancel = context.WithTimeout(ctx, a.cfg.RequestTimeout)
 	}
 	defer cancel()
-	if err := a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult)}); err != nil {
+	// The answer to a persistent request is persistent too, so a broker
+	// restart between answer and pick-up does not lose it.
+	if err := a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
 		a.log.Warn("could not send result", "token", p.Token, "err", err)
 	}
 	return body
@@ -526,9 +573,11 @@ type dedupe struct {
 }
 
 type dedupeEntry struct {
-	token string
-	done  bool
-	body  []byte
+	token   string
+	done    bool
+	body    []byte
+	replyTo string   // of the copy that runs
+	waiters []string // other reply queues that sent the same token meanwhile
 }
 
 type dedupeState int
@@ -543,7 +592,12 @@ func newDedupe(max int) *dedupe {
 	return &dedupe{max: max, m: map[string]*list.Element{}, order: list.New()}
 }
 
-func (c *dedupe) check(token string) ([]byte, dedupeState) {
+// check looks a token up. For a copy that arrives while the first one runs,
+// it remembers replyTo when it differs, so that done can answer it too.
+func (c *dedupe) check(token, replyTo string) ([]byte, dedupeState) {
+	if token == "" {
+		return nil, dedupeNew
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	e, ok := c.m[token]
@@ -554,16 +608,19 @@ func (c *dedupe) check(token string) ([]byte, dedupeState) {
 	if en.done {
 		return en.body, dedupeDone
 	}
+	if replyTo != "" && replyTo != en.replyTo && !slices.Contains(en.waiters, replyTo) {
+		en.waiters = append(en.waiters, replyTo)
+	}
 	return nil, dedupeRunning
 }
 
-func (c *dedupe) begin(token string) {
+func (c *dedupe) begin(token, replyTo string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if _, ok := c.m[token]; ok {
 		return
 	}
-	c.m[token] = c.order.PushBack(&dedupeEntry{token: token})
+	c.m[token] = c.order.PushBack(&dedupeEntry{token: token, replyTo: replyTo})
 	for c.order.Len() > c.max {
 		old := c.order.Front()
 		c.order.Remove(old)
@@ -571,12 +628,21 @@ func (c *dedupe) begin(token string) {
 	}
 }
 
-func (c *dedupe) done(token string, body []byte) {
-	c.begin(token)
+// done records the answer and returns the reply queues still waiting for it.
+func (c *dedupe) done(token string, body []byte) []string {
+	c.begin(token, "")
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if e, ok := c.m[token]; ok {
-		en := e.Value.(*dedupeEntry)
-		en.done, en.body = true, body
+	e, ok := c.m[token]
+	if !ok {
+		return nil
 	}
+	en := e.Value.(*dedupeEntry)
+	en.done, en.body = true, body
+	w := en.waiters
+	en.waiters = nil
+	if body == nil {
+		return nil
+	}
+	return w
 }

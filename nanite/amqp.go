@@ -155,6 +155,10 @@ type link struct {
 	stopCons  bool
 
 	handlers sync.WaitGroup // delivery loops
+
+	failed  chan struct{} // closed when run gave up for good
+	failErr error         // why; guarded by mu
+	lastErr error         // the last connection error; guarded by mu
 }
 
 func newLink(cfg linkConfig) *link {
@@ -170,7 +174,7 @@ func newLink(cfg linkConfig) *link {
 	if cfg.MaxBackoff == 0 {
 		cfg.MaxBackoff = 3 * time.Second
 	}
-	return &link{cfg: cfg, log: cfg.Logger, ready: make(chan struct{})}
+	return &link{cfg: cfg, log: cfg.Logger, ready: make(chan struct{}), failed: make(chan struct{})}
 }
 
 var errNotConnected = errors.New("nanite: not connected to the broker")
@@ -184,7 +188,15 @@ func (l *link) run(ctx context.Context) error {
 	for {
 		conn, closed, err := l.connect()
 		if err != nil {
+			l.mu.Lock()
+			l.lastErr = err
+			l.mu.Unlock()
 			if first && isPermanent(err) {
+				err = fmt.Errorf("%w: %w", ErrConnection, err)
+				l.mu.Lock()
+				l.failErr = err
+				l.mu.Unlock()
+				close(l.failed)
 				return err
 			}
 			l.log.Warn("broker connection failed", "err", err, "retry_in", backoff)
@@ -407,6 +419,30 @@ func (l *link) connected() bool {
 		return true
 	default:
 		return false
+	}
+}
+
+// awaitUp blocks until the link is connected, the broker refused it for
+// good, or ctx ends; then it says why not, naming the last connection
+// error.
+func (l *link) awaitUp(ctx context.Context) error {
+	l.mu.Lock()
+	ready := l.ready
+	l.mu.Unlock()
+	select {
+	case <-ready:
+		return nil
+	case <-l.failed:
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		return l.failErr
+	case <-ctx.Done():
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		if l.lastErr != nil {
+			return fmt.Errorf("%w: %w (%w)", ErrConnection, l.lastErr, context.Cause(ctx))
+		}
+		return fmt.Errorf("%w: not connected yet: %w", ErrConnection, context.Cause(ctx))
 	}
 }
 

@@ -28,6 +28,9 @@ var (
 	ErrRemote = errors.New("nanite: remote error")
 	// ErrClosed: the agent or mapper has been stopped.
 	ErrClosed = errors.New("nanite: closed")
+	// ErrConnection: the broker cannot be reached, or refused the
+	// connection (bad credentials, unknown vhost).
+	ErrConnection = errors.New("nanite: broker connection failed")
 	// ErrBusy: too many requests are outstanding.
 	ErrBusy = errors.New("nanite: too many outstanding requests")
 )

@@ -3,6 +3,7 @@ package nanite
 import (
 	"context"
 	"errors"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -335,5 +336,38 @@ func TestPersistentRequestSurvivesRestart(t *testing.T) {
 		}
 	case <-time.After(60 * time.Second):
 		t.Fatal("persistent request lost")
+	}
+}
+
+func TestReadyAndRefusedConnection(t *testing.T) {
+	c := newCluster(t)
+	m, _ := c.mapper(MapperConfig{})
+	ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
+	defer cancel()
+	if err := m.Ready(ctx); err != nil {
+		t.Fatal(err)
+	}
+	// Bad credentials: Run and Ready both fail with ErrConnection.
+	bad, err := NewMapper(MapperConfig{URL: "amqp://nobody:wrong@" + c.url[len("amqp://"):][strings.Index(c.url[len("amqp://"):], "@")+1:]})
+	if err != nil {
+		t.Fatal(err)
+	}
+	runErr := make(chan error, 1)
+	go func() { runErr <- bad.Run(t.Context()) }()
+	if err := bad.Ready(ctx); !errors.Is(err, ErrConnection) {
+		t.Fatalf("Ready with bad credentials: %v", err)
+	}
+	if err := <-runErr; !errors.Is(err, ErrConnection) {
+		t.Fatalf("Run with bad credentials: %v", err)
+	}
+	// Nothing listening: Ready gives up at its context with the dial error.
+	none, _ := NewMapper(MapperConfig{URL: "amqp://guest:guest@127.0.0.1:1/"})
+	rctx, rcancel := context.WithCancel(t.Context())
+	go func() { _ = none.Run(rctx) }()
+	defer rcancel()
+	short, scancel := context.WithTimeout(t.Context(), 500*time.Millisecond)
+	defer scancel()
+	if err := none.Ready(short); !errors.Is(err, ErrConnection) || !strings.Contains(err.Error(), "dial") {
+		t.Fatalf("Ready with no broker: %v", err)
 	}
 }

@@ -54,6 +54,9 @@ type MapperConfig struct {
 	Logger *slog.Logger
 }
 
+// advertiseTTL is the expiration of advertise requests.
+const advertiseTTL = 10 * time.Second
+
 // Mapper keeps the cluster state and routes requests to agents. Embed it in a
 // requester (NewMapper + Run in a goroutine + Request), or run it as a daemon
 // with ServeAgentRequests and ServeFailsafe.
@@ -147,6 +150,12 @@ func NewMapper(cfg MapperConfig) (*Mapper, error) {
 // Identity is the mapper's identity.
 func (m *Mapper) Identity() string { return m.id }
 
+// Ready blocks until the mapper is connected to the broker. It returns an
+// error wrapping ErrConnection when the broker refused the mapper for good
+// (bad credentials, unknown vhost) or when ctx ends first (naming the last
+// connection error).
+func (m *Mapper) Ready(ctx context.Context) error { return m.link.awaitUp(ctx) }
+
 func (m *Mapper) stateQueue(kind string) string { return "nanite.mapper." + m.id + "." + kind }
 
 // Run connects and keeps the cluster state until ctx ends. It returns an
@@ -237,7 +246,9 @@ func (m *Mapper) advertiseAll(ctx context.Context) {
 	}
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	if err := m.link.publish(ctx, message{Exchange: ExchangeAdvertise, Body: body, Type: string(KindAdvertise)}); err != nil {
+	// A short expiration: an advertise request left in the queue of an
+	// agent that is gone must not pile up for its return.
+	if err := m.link.publish(ctx, message{Exchange: ExchangeAdvertise, Body: body, Type: string(KindAdvertise), Expiration: advertiseTTL}); err != nil {
 		m.log.Warn("advertise request", "err", err)
 	}
 }
@@ -403,7 +414,7 @@ func (m *Mapper) askAdvertise(id string) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := m.link.publish(ctx, message{Key: AgentQueue(id), Body: body, Type: string(KindAdvertise)}); err != nil {
+	if err := m.link.publish(ctx, message{Key: AgentQueue(id), Body: body, Type: string(KindAdvertise), Expiration: advertiseTTL}); err != nil {
 		m.log.Warn("advertise request", "agent", id, "err", err)
 	}
 }

@@ -102,6 +102,9 @@ func (r *registry) upsert(s AgentState, now time.Time) bool {
 	pending := 0
 	if existed {
 		pending = old.Pending
+		if s.Registered.IsZero() {
+			s.Registered = old.Registered
+		}
 		r.remove(s.Identity)
 	}
 	s.Pending = pending

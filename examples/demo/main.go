@@ -134,7 +134,7 @@ func run(ctx context.Context) error {
 
 	step("starting three agents, each its own process")
 	for _, c := range []childConfig{
-		{Name: "alpha", Load: 0.9, Tags: []string{"eu", "big"}},
+		{Name: "alpha", Load: 1.5, Tags: []string{"eu", "big"}},
 		{Name: "bravo", Load: 0.2, Tags: []string{"eu"}},
 		{Name: "charlie", Load: 0.5, Tags: []string{"us"}},
 	} {
@@ -179,14 +179,22 @@ func run(ctx context.Context) error {
 	var fwg sync.WaitGroup
 	started := make(chan string, 4)
 	onStart := nanite.OnIntermediate(func(i nanite.Intermediate) { started <- i.Agent })
-	for _, svc := range []string{"/demo/resize", "/demo/charge"} {
+	for _, req := range []struct {
+		svc  string
+		opts []nanite.RequestOption
+	}{
+		// Not idempotent, sent to bravo by name.
+		{"/demo/charge", []nanite.RequestOption{nanite.WithTarget("bravo")}},
+		// Idempotent, least-loaded among the "eu" agents: bravo again
+		// (load 0.2 + 1 in flight is still below alpha's 1.5).
+		{"/demo/resize", []nanite.RequestOption{nanite.WithTags("eu")}},
+	} {
 		fwg.Add(1)
 		go func() {
 			defer fwg.Done()
-			d.call(svc, 2000, nanite.WithTarget(""), onStart, nanite.WithTimeout(20*time.Second), nanite.WithTags("eu"),
-				nanite.WithSelector(nanite.SelectLeastLoaded))
+			d.call(req.svc, 3000, append(req.opts, onStart, nanite.WithTimeout(20*time.Second))...)
 		}()
-		<-started
+		say("   %s started on %s", req.svc, <-started)
 	}
 	say("   both requests are running; killing bravo")
 	d.kill("bravo")
