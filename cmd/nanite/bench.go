@@ -1,0 +1,117 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"os/signal"
+	"runtime/pprof"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/nanite-go/nanite/nanite/benchmark"
+	"github.com/nanite-go/nanite/testenv"
+)
+
+// newBenchCmd is `nanite bench`: nanite request/reply against a raw AMQP
+// baseline, side by side on one broker.
+func newBenchCmd() *cobra.Command {
+	var (
+		amqpURL     string
+		cfg         benchmark.Config
+		jsonOut     bool
+		cpuProfile  string
+		outstanding []int
+		payloads    []int
+		brokerPID   int
+	)
+	cmd := &cobra.Command{
+		Use:   "bench",
+		Short: "Measure nanite requests against a raw AMQP request/reply baseline",
+		Long: `Measure, in one run on one broker, (a) a raw amqp091-go request/reply echo
+(echo consumer with the agent's prefetch, replies to the requester's exclusive
+reply queue by correlation id) and (b) a nanite request through an embedded
+mapper to one agent serving an echo actor, at several numbers of outstanding
+requests (N goroutines each making sequential requests) and payload sizes.
+
+Raw and nanite run alternately (ABBA) in each cell so that drift hits both.
+The table shows p50, p99, req/s and CPU per request of each side, the ratios
+nanite/raw, and whether the targets are met (throughput >= 0.8x raw at 64
+outstanding, p50 <= 1.25x raw at 1 outstanding). These are measurements,
+not assertions: the exit status is 0 whether targets are met or not.
+
+Without --amqp a private RabbitMQ node is started (testenv; needs the
+rabbitmq-server package) and stopped at the end.`,
+		Example: `  nanite bench
+  nanite bench --amqp amqp://guest:guest@localhost:5672/ --duration 5s
+  nanite bench --requests 20000 --outstanding 64 --payload 100 --json
+  nanite bench --cpuprofile bench.pprof --only nanite`,
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			defer stop()
+			cfg.Outstanding, cfg.Payloads = outstanding, payloads
+			stderr := cmd.ErrOrStderr()
+			cfg.Progress = func(s string) { fmt.Fprintln(stderr, "bench:", s) }
+
+			cfg.URL = amqpURL
+			if cfg.URL == "" {
+				fmt.Fprintln(stderr, "bench: no --amqp given; starting a private RabbitMQ node")
+				t0 := time.Now()
+				r, err := testenv.StartRabbitMQ(ctx, testenv.RabbitOptions{Name: "bench"})
+				if err != nil {
+					return fmt.Errorf("start a private RabbitMQ node (or give --amqp): %w", err)
+				}
+				defer func() {
+					if err := r.Close(); err != nil {
+						fmt.Fprintln(stderr, "bench: stopping the private node:", err)
+					}
+				}()
+				fmt.Fprintf(stderr, "bench: %v ready in %v\n", r, time.Since(t0).Round(100*time.Millisecond))
+				cfg.URL = r.URL()
+				cfg.BrokerNote = "private node started by testenv, management plugin off"
+				brokerPID = benchmark.FindProcess("beam.smp", r.Dir())
+			}
+			if brokerPID > 0 {
+				cfg.BrokerCPU = benchmark.ProcessCPU(brokerPID)
+			}
+
+			if cpuProfile != "" {
+				f, err := os.Create(cpuProfile)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				if err := pprof.StartCPUProfile(f); err != nil {
+					return err
+				}
+				defer pprof.StopCPUProfile()
+			}
+
+			rep, err := benchmark.Run(ctx, cfg)
+			if err != nil {
+				return err
+			}
+			out := cmd.OutOrStdout()
+			if jsonOut {
+				return rep.WriteJSON(out)
+			}
+			return rep.WriteTable(out)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&amqpURL, "amqp", "", "broker URL, amqp://user:pass@host:port/vhost (default: start a private RabbitMQ node)")
+	f.DurationVar(&cfg.Duration, "duration", benchmark.DefaultDuration, "time each side runs in each cell")
+	f.IntVar(&cfg.Requests, "requests", 0, "requests each side makes in each cell (replaces --duration)")
+	f.DurationVar(&cfg.Warmup, "warmup", benchmark.DefaultWarmup, "unmeasured run of each side before each cell (negative: none)")
+	f.IntVar(&cfg.Rounds, "rounds", benchmark.DefaultRounds, "alternations per cell: 2 runs raw,nanite,nanite,raw")
+	f.IntSliceVar(&outstanding, "outstanding", benchmark.DefaultOutstanding, "outstanding requests (goroutines) per cell")
+	f.IntSliceVar(&payloads, "payload", benchmark.DefaultPayloads, "payload sizes in bytes")
+	f.IntVar(&cfg.Prefetch, "prefetch", 0, "prefetch of the raw echo consumer and of the agent (default nanite.DefaultPrefetch)")
+	f.StringVar(&cfg.Only, "only", "", "run one side only: raw or nanite")
+	f.IntVar(&brokerPID, "broker-pid", 0, "pid of the broker process on this machine, to report its CPU per request (found by itself for a private node)")
+	f.BoolVar(&jsonOut, "json", false, "print the report as JSON")
+	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the run (requesters, echo server, agent and mapper) to this file")
+	return cmd
+}
