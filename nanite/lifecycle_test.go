@@ -3,6 +3,7 @@ package nanite
 import (
 	"context"
 	"errors"
+	"os"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -369,5 +370,43 @@ func TestReadyAndRefusedConnection(t *testing.T) {
 	defer scancel()
 	if err := none.Ready(short); !errors.Is(err, ErrConnection) || !strings.Contains(err.Error(), "dial") {
 		t.Fatalf("Ready with no broker: %v", err)
+	}
+}
+
+// A handler that runs for many heartbeat intervals does not make its agent
+// look dead: heartbeats do not wait for handlers.
+func TestLongHandlerKeepsHeartbeating(t *testing.T) {
+	c := newCluster(t)
+	m, _ := c.mapper(MapperConfig{})
+	a, _ := c.agent(AgentConfig{HeartbeatInterval: 100 * time.Millisecond}, testActor(new(string), nil))
+	waitAgents(t, m, "/echo/slow", 1)
+	// 1.5 s is five times the 300 ms after which a silent agent is dropped.
+	resp, err := m.Request(t.Context(), "/echo/slow", 1500)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.Results[0].Agent != a.Identity() || m.Stats()["agents_dropped"] != 0 {
+		t.Fatalf("busy agent dropped: %v", m.Stats())
+	}
+}
+
+func TestIdentityPersistsInDataDir(t *testing.T) {
+	dir := t.TempDir()
+	a1, err := NewAgent(AgentConfig{URL: "amqp://unused/", DataDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a2, err := NewAgent(AgentConfig{URL: "amqp://unused/", DataDir: dir})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if a1.Identity() != a2.Identity() || !ValidIdentity(a1.Identity()) {
+		t.Fatalf("identities %q and %q", a1.Identity(), a2.Identity())
+	}
+	if err := os.WriteFile(dir+"/identity", []byte("bad id!\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := NewAgent(AgentConfig{URL: "amqp://unused/", DataDir: dir}); err == nil {
+		t.Fatal("an invalid stored identity was accepted")
 	}
 }
