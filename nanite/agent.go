@@ -461,6 +461,10 @@ func (a *Agent) run(d *delivery, p *Packet, svc string, m *Method, deadline time
 	case herr != nil:
 		ebody = herr
 	default:
+		if rm, ok := res.(json.RawMessage); ok && json.Valid(rm) {
+			payload = rm
+			break
+		}
 		b, err := json.Marshal(res)
 		if err != nil {
 			ebody = &ErrorBody{Code: CodeHandler, Message: "result is not JSON-encodable: " + err.Error()}
@@ -525,7 +529,7 @@ func (a *Agent) finish(d *delivery, p *Packet, payload json.RawMessage, ebody *E
 
 func (a *Agent) reply(d *delivery, p *Packet, payload json.RawMessage, ebody *ErrorBody) []byte {
 	rp := &Packet{Kind: KindResult, Token: p.Token, From: a.id, Payload: payload, Error: ebody}
-	body, err := rp.Encode()
+	body, err := rp.encodeTrusted()
 	if err != nil {
 		a.log.Error("encode result", "err", err)
 		return nil

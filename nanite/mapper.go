@@ -648,7 +648,7 @@ func (m *Mapper) pickLocked(ctx context.Context, svc string, o *requestOptions, 
 
 // send publishes a request or push packet to one agent's queue.
 func (m *Mapper) send(ctx context.Context, pkt *Packet, agent string) error {
-	body, err := pkt.Encode()
+	body, err := pkt.encodeTrusted()
 	if err != nil {
 		return err
 	}
@@ -665,7 +665,7 @@ func (m *Mapper) send(ctx context.Context, pkt *Packet, agent string) error {
 // holds it until an agent offering the service appears.
 func (m *Mapper) toFailsafe(ctx context.Context, pkt *Packet, o requestOptions) (*Response, error) {
 	pkt.Failsafe = true
-	body, err := pkt.Encode()
+	body, err := pkt.encodeTrusted()
 	if err != nil {
 		return nil, err
 	}

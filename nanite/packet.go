@@ -159,20 +159,34 @@ func (p *Packet) validate() error {
 	default:
 		return fmt.Errorf("%w: unknown packet kind %q", errBadPacket, p.Kind)
 	}
-	if p.Payload != nil && !json.Valid(p.Payload) {
-		return fmt.Errorf("%w: payload is not JSON", errBadPacket)
-	}
 	return nil
 }
 
 // Encode marshals the packet, filling in the protocol version.
 func (p *Packet) Encode() ([]byte, error) {
 	p.Version = ProtocolVersion
-	b, err := json.Marshal(p)
+	if p.Payload != nil && !json.Valid(p.Payload) {
+		return nil, fmt.Errorf("nanite: encode %s packet: payload is not JSON", p.Kind)
+	}
+	return p.encodeTrusted()
+}
+
+func (p *Packet) encodeTrusted() ([]byte, error) {
+	q := *p
+	q.Version = ProtocolVersion
+	q.Payload = nil
+	b, err := json.Marshal(&q)
 	if err != nil {
 		return nil, fmt.Errorf("nanite: encode %s packet: %w", p.Kind, err)
 	}
-	return b, nil
+	if len(p.Payload) == 0 {
+		return b, nil
+	}
+	out := make([]byte, 0, len(b)+len(`,"payload":`)+len(p.Payload))
+	out = append(out, b[:len(b)-1]...)
+	out = append(out, `,"payload":`...)
+	out = append(out, p.Payload...)
+	return append(out, '}'), nil
 }
 
 // deadlineTime converts the wire deadline to a time.

@@ -33,8 +33,9 @@ type agentEntry struct {
 }
 
 type membership struct {
-	list int // index in serviceSet.list
-	heap int // index in serviceSet.heap
+	list int         // index in serviceSet.list
+	heap int         // index in serviceSet.heap
+	set  *serviceSet // the service's set, so that fix needs no map lookup
 }
 
 // serviceSet holds the agents that offer one service: a slice for random,
@@ -47,9 +48,12 @@ type serviceSet struct {
 	weight float64
 }
 
+// loadHeap keeps each item's membership beside it, so that Swap updates
+// heap indexes without a map lookup per swap.
 type loadHeap struct {
 	svc    string
 	items  []*agentEntry
+	mem    []*membership
 	weight float64
 }
 
@@ -59,19 +63,22 @@ func (h *loadHeap) Less(i, j int) bool {
 }
 func (h *loadHeap) Swap(i, j int) {
 	h.items[i], h.items[j] = h.items[j], h.items[i]
-	h.items[i].member[h.svc].heap = i
-	h.items[j].member[h.svc].heap = j
+	h.mem[i], h.mem[j] = h.mem[j], h.mem[i]
+	h.mem[i].heap = i
+	h.mem[j].heap = j
 }
 func (h *loadHeap) Push(x any) {
 	e := x.(*agentEntry)
-	e.member[h.svc].heap = len(h.items)
+	m := e.member[h.svc]
+	m.heap = len(h.items)
 	h.items = append(h.items, e)
+	h.mem = append(h.mem, m)
 }
 func (h *loadHeap) Pop() any {
 	n := len(h.items) - 1
 	e := h.items[n]
-	h.items[n] = nil
-	h.items = h.items[:n]
+	h.items[n], h.mem[n] = nil, nil
+	h.items, h.mem = h.items[:n], h.mem[:n]
 	return e
 }
 
@@ -126,7 +133,7 @@ func (r *registry) upsert(s AgentState, now time.Time) bool {
 			set = &serviceSet{name: svc.Name, heap: loadHeap{svc: svc.Name, weight: r.weight}}
 			r.services[svc.Name] = set
 		}
-		m := &membership{list: len(set.list)}
+		m := &membership{list: len(set.list), set: set}
 		e.member[svc.Name] = m
 		set.list = append(set.list, e)
 		heap.Push(&set.heap, e)
@@ -191,8 +198,8 @@ func (r *registry) addPending(id string, delta int) {
 }
 
 func (r *registry) fix(e *agentEntry) {
-	for svc, m := range e.member {
-		heap.Fix(&r.services[svc].heap, m.heap)
+	for _, m := range e.member {
+		heap.Fix(&m.set.heap, m.heap)
 	}
 }
 

@@ -22,6 +22,7 @@ func newBenchCmd() *cobra.Command {
 		cfg         benchmark.Config
 		jsonOut     bool
 		cpuProfile  string
+		memProfile  string
 		outstanding []int
 		payloads    []int
 		brokerPID   int
@@ -93,6 +94,18 @@ rabbitmq-server package) and stopped at the end.`,
 			if err != nil {
 				return err
 			}
+			if memProfile != "" {
+				f, err := os.Create(memProfile)
+				if err != nil {
+					return err
+				}
+				defer f.Close()
+				// The allocs profile holds every allocation since the start
+				// (sampled); pprof -sample_index=alloc_space shows them.
+				if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
+					return err
+				}
+			}
 			out := cmd.OutOrStdout()
 			if jsonOut {
 				return rep.WriteJSON(out)
@@ -109,9 +122,11 @@ rabbitmq-server package) and stopped at the end.`,
 	f.IntSliceVar(&outstanding, "outstanding", benchmark.DefaultOutstanding, "outstanding requests (goroutines) per cell")
 	f.IntSliceVar(&payloads, "payload", benchmark.DefaultPayloads, "payload sizes in bytes")
 	f.IntVar(&cfg.Prefetch, "prefetch", 0, "prefetch of the raw echo consumer and of the agent (default nanite.DefaultPrefetch)")
+	f.BoolVar(&cfg.RawSpawn, "raw-spawn", false, "raw echo server handles each message in its own goroutine, as the agent does (default: in its delivery loop)")
 	f.StringVar(&cfg.Only, "only", "", "run one side only: raw or nanite")
 	f.IntVar(&brokerPID, "broker-pid", 0, "pid of the broker process on this machine, to report its CPU per request (found by itself for a private node)")
 	f.BoolVar(&jsonOut, "json", false, "print the report as JSON")
 	f.StringVar(&cpuProfile, "cpuprofile", "", "write a CPU profile of the run (requesters, echo server, agent and mapper) to this file")
+	f.StringVar(&memProfile, "memprofile", "", "write an allocation profile of the run to this file")
 	return cmd
 }

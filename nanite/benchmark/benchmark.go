@@ -80,6 +80,10 @@ type Config struct {
 	// Prefetch of the raw echo consumer and of the agent (default
 	// nanite.DefaultPrefetch).
 	Prefetch int
+	// RawSpawn makes the raw echo server handle each message in a goroutine
+	// of its own, as the agent does, instead of in its delivery loop. It
+	// shows how much of the difference is that design choice.
+	RawSpawn bool
 	// Only runs one side: "raw" or "nanite" (default both).
 	Only string
 	// Progress, when set, receives a line as each cell starts.
@@ -154,9 +158,15 @@ type Measure struct {
 	// broker's process is known (0 otherwise). Other users of the broker
 	// add to it.
 	BrokerCPUus float64 `json:"broker_cpu_us_per_req,omitempty"`
-	FirstErr    string  `json:"first_error,omitempty"`
-	latencies   []time.Duration
-	cpu, broker time.Duration
+	// AllocsPerReq and BytesPerReq are this process's heap allocations per
+	// request (runtime.MemStats), both sides of the request together.
+	AllocsPerReq float64 `json:"allocs_per_req"`
+	BytesPerReq  float64 `json:"bytes_per_req"`
+	FirstErr     string  `json:"first_error,omitempty"`
+	latencies    []time.Duration
+	cpu, broker  time.Duration
+	mallocs      uint64
+	allocBytes   uint64
 }
 
 // side is one way of making echo requests.
@@ -226,9 +236,10 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		Prefetch: cfg.Prefetch, WarmupSec: max(cfg.Warmup, 0).Seconds(), Rounds: cfg.Rounds,
 		Order: order(cfg.Rounds),
 		Baseline: fmt.Sprintf("amqp091-go request/reply: echo consumer on a queue with prefetch %d "+
-			"(nanite.DefaultPrefetch=%d), manual ack after the reply is published, replying to the "+
+			"(nanite.DefaultPrefetch=%d), echoing %s, manual ack after the reply is published, replying to the "+
 			"requester's exclusive auto-ack reply queue matched by correlation id; one connection for "+
-			"the echo server and one for the requester, as nanite's agent and mapper", cfg.Prefetch, nanite.DefaultPrefetch),
+			"the echo server and one for the requester, as nanite's agent and mapper",
+			cfg.Prefetch, nanite.DefaultPrefetch, rawMode(cfg.RawSpawn)),
 		NaniteSide: fmt.Sprintf("nanite.Mapper.Request (least_loaded) through an embedded mapper to one "+
 			"nanite.Agent (prefetch %d) serving an echo actor", cfg.Prefetch),
 		Targets: Targets{TargetThroughputRatio, TargetThroughputOutstanding, TargetP50Ratio, TargetP50Outstanding},
@@ -246,7 +257,7 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 	}()
 	if cfg.Only != "nanite" {
-		raw, err := newRawSide(ctx, cfg.URL, cfg.Prefetch)
+		raw, err := newRawSide(ctx, cfg.URL, cfg.Prefetch, cfg.RawSpawn)
 		if err != nil {
 			return nil, err
 		}
@@ -275,6 +286,13 @@ func Run(ctx context.Context, cfg Config) (*Report, error) {
 		}
 	}
 	return rep, nil
+}
+
+func rawMode(spawn bool) string {
+	if spawn {
+		return "in a goroutine per message (--raw-spawn, as the agent does)"
+	}
+	return "in its delivery loop"
 }
 
 // order describes the interleaving of the sides for n rounds.
@@ -370,6 +388,8 @@ func runSlice(ctx context.Context, s side, payload []byte, out int, d time.Durat
 		firstErr atomic.Value
 		wg       sync.WaitGroup
 	)
+	var ms0, ms1 runtime.MemStats
+	runtime.ReadMemStats(&ms0)
 	cpu0, broker0 := processCPU(), brokerCPU()
 	start := time.Now()
 	end := start.Add(d)
@@ -406,6 +426,8 @@ func runSlice(ctx context.Context, s side, payload []byte, out int, d time.Durat
 	wg.Wait()
 	elapsed := time.Since(start)
 	m.cpu = processCPU() - cpu0
+	runtime.ReadMemStats(&ms1)
+	m.mallocs, m.allocBytes = ms1.Mallocs-ms0.Mallocs, ms1.TotalAlloc-ms0.TotalAlloc
 	if b := brokerCPU(); b > 0 && broker0 > 0 {
 		m.broker = b - broker0
 	}
@@ -431,6 +453,8 @@ func (m *Measure) merge(o *Measure) {
 	m.Seconds += o.Seconds
 	m.cpu += o.cpu
 	m.broker += o.broker
+	m.mallocs += o.mallocs
+	m.allocBytes += o.allocBytes
 	if m.FirstErr == "" {
 		m.FirstErr = o.FirstErr
 	}
@@ -442,6 +466,10 @@ func (m *Measure) finish() {
 	}
 	if m.Requests > 0 && m.cpu > 0 {
 		m.CPUus = us(m.cpu) / float64(m.Requests)
+	}
+	if m.Requests > 0 {
+		m.AllocsPerReq = float64(m.mallocs) / float64(m.Requests)
+		m.BytesPerReq = float64(m.allocBytes) / float64(m.Requests)
 	}
 	if m.Requests > 0 && m.broker > 0 {
 		m.BrokerCPUus = us(m.broker) / float64(m.Requests)

@@ -49,7 +49,7 @@ func dial(url, name string) (*amqp.Connection, error) {
 	return conn, nil
 }
 
-func newRawSide(ctx context.Context, url string, prefetch int) (_ *rawSide, err error) {
+func newRawSide(ctx context.Context, url string, prefetch int, spawn bool) (_ *rawSide, err error) {
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	r := &rawSide{queue: "nanite.bench.echo." + hex.EncodeToString(b[:]), pending: map[string]chan []byte{}}
@@ -85,17 +85,31 @@ func newRawSide(ctx context.Context, url string, prefetch int) (_ *rawSide, err 
 	r.done.Add(1)
 	go func() {
 		defer r.done.Done()
-		// Echo in the delivery loop: for a handler this cheap a goroutine
-		// per message would only add cost; the prefetch window keeps the
-		// pipeline full.
-		for d := range ds {
+		// By default echo in the delivery loop: for a handler this cheap a
+		// goroutine per message would only add cost; the prefetch window
+		// keeps the pipeline full. With spawn, each message is handled in
+		// its own goroutine, as nanite's agent does.
+		var handlers sync.WaitGroup
+		defer handlers.Wait()
+		echo := func(d amqp.Delivery) {
 			err := spub.Publish("", d.ReplyTo, false, false, amqp.Publishing{
 				ContentType: "application/json", CorrelationId: d.CorrelationId, Body: d.Body})
 			if err != nil {
 				_ = d.Nack(false, true)
-				continue
+				return
 			}
 			_ = d.Ack(false)
+		}
+		for d := range ds {
+			if spawn {
+				handlers.Add(1)
+				go func() {
+					defer handlers.Done()
+					echo(d)
+				}()
+				continue
+			}
+			echo(d)
 		}
 	}()
 
