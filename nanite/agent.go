@@ -535,18 +535,14 @@ func (a *Agent) reply(d *delivery, p *Packet, payload json.RawMessage, ebody *Er
 		return nil
 	}
 	// The requester stops waiting at its deadline; a little slack lets an
-	// answer that raced the deadline still reach it.
-	ctx := context.Background()
-	var cancel context.CancelFunc
+	// answer that raced the deadline still reach it. The answer to a
+	// persistent request is persistent too, so a broker restart between
+	// answer and pick-up does not lose it.
+	var until time.Time
 	if dl := p.deadlineTime(); !dl.IsZero() {
-		ctx, cancel = context.WithDeadline(ctx, dl.Add(5*time.Second))
-	} else {
-		ctx, cancel = context.WithTimeout(ctx, a.cfg.RequestTimeout)
+		until = dl.Add(5 * time.Second)
 	}
-	defer cancel()
-	// The answer to a persistent request is persistent too, so a broker
-	// restart between answer and pick-up does not lose it.
-	if err := a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
+	if err := a.link.publishBy(until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
 		a.log.Warn("could not send result", "token", p.Token, "err", err)
 	}
 	return body

@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"strconv"
 	"sync"
 	"time"
 
@@ -41,22 +42,24 @@ type delivery struct {
 	DeadLettered  bool   // it came through the dead-letter exchange
 	DeathReason   string // "expired", "rejected", "maxlen" when DeadLettered
 
-	ack  func() error
-	nack func(requeue bool) error
+	ch  *amqp.Channel // nil for auto-acknowledged deliveries
+	tag uint64
 }
 
+// Ack acknowledges the delivery (after it has been handled).
 func (d *delivery) Ack() error {
-	if d.ack == nil {
+	if d.ch == nil {
 		return nil
 	}
-	return d.ack()
+	return d.ch.Ack(d.tag, false)
 }
 
+// Nack rejects the delivery, back to its queue when requeue is set.
 func (d *delivery) Nack(requeue bool) error {
-	if d.nack == nil {
+	if d.ch == nil {
 		return nil
 	}
-	return d.nack(requeue)
+	return d.ch.Nack(d.tag, false, requeue)
 }
 
 // returned is a mandatory message the broker could not route.
@@ -371,9 +374,7 @@ func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery
 			}
 		}
 		if !c.AutoAck {
-			tag := d.DeliveryTag
-			dv.ack = func() error { return ch.Ack(tag, false) }
-			dv.nack = func(requeue bool) error { return ch.Nack(tag, false, requeue) }
+			dv.ch, dv.tag = ch, d.DeliveryTag
 		}
 		c.Handle(dv)
 	}
@@ -477,7 +478,7 @@ func (l *link) publish(ctx context.Context, m message) error {
 		if ms < 1 {
 			ms = 1
 		}
-		pub.Expiration = fmt.Sprint(ms)
+		pub.Expiration = strconv.FormatInt(ms, 10)
 	}
 	if m.Persistent {
 		pub.DeliveryMode = amqp.Persistent
@@ -528,6 +529,24 @@ func (l *link) publish(ctx context.Context, m message) error {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+}
+
+// publishBy publishes m, waiting for a connection until deadline at most (a
+// zero deadline waits up to fallback). It builds a context only when it has
+// to wait, which keeps the hot path free of timers.
+func (l *link) publishBy(deadline time.Time, fallback time.Duration, m message) error {
+	if l.connected() && !m.Persistent { // a confirm wait needs a deadline
+		err := l.publish(context.Background(), m)
+		if err == nil || !errors.Is(err, amqp.ErrClosed) {
+			return err
+		}
+	}
+	if deadline.IsZero() {
+		deadline = time.Now().Add(fallback)
+	}
+	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	defer cancel()
+	return l.publish(ctx, m)
 }
 
 // declare runs f on a fresh channel of the current connection.

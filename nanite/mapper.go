@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -90,10 +91,10 @@ type mcall struct {
 	pkt      *Packet
 	opts     requestOptions
 	idem     bool
-	tried    map[string]bool
+	tried    idSet // every agent it was sent to (excluded from retries)
 	attempts int
-	sentTo   map[string]bool // agents holding the request now (for pending accounting)
-	viaQueue bool            // sent to the failsafe queue, answered by a mapper daemon
+	sentTo   idSet // agents holding the request now (for pending accounting)
+	viaQueue bool  // sent to the failsafe queue, answered by a mapper daemon
 }
 
 // NewMapper returns a mapper; Run it to connect.
@@ -287,7 +288,7 @@ func (m *Mapper) dropAgent(id, why string) {
 	}
 	var affected []*mcall
 	for _, mc := range m.out {
-		if mc.sentTo[id] {
+		if mc.sentTo.has(id) {
 			affected = append(affected, mc)
 		}
 	}
@@ -300,22 +301,22 @@ func (m *Mapper) dropAgent(id, why string) {
 // agentGone handles one request whose agent can no longer answer.
 func (m *Mapper) agentGone(mc *mcall, id, code, msg string) {
 	m.mu.Lock()
-	if !mc.sentTo[id] {
+	if !mc.sentTo.has(id) {
 		m.mu.Unlock()
 		return
 	}
-	delete(mc.sentTo, id)
+	mc.sentTo.del(id)
 	m.reg.addPending(id, -1)
 	canRetry := mc.idem && mc.opts.selector != SelectAll && mc.opts.target == "" && mc.attempts < m.cfg.MaxRetries
 	var next []*agentEntry
 	if canRetry {
-		next = m.reg.pick(mc.service, &mc.opts, mc.tried)
+		next = m.reg.pick(mc.service, &mc.opts, mc.tried.set())
 	}
 	if len(next) == 1 {
 		e := next[0]
 		mc.attempts++
-		mc.tried[e.Identity] = true
-		mc.sentTo[e.Identity] = true
+		mc.tried.add(e.Identity)
+		mc.sentTo.add(e.Identity)
 		m.reg.addPending(e.Identity, 1)
 		mc.call.mu.Lock()
 		delete(mc.expect, id)
@@ -560,13 +561,13 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 		mc = &mcall{
 			call: &call{token: token, service: svc, done: make(chan struct{}), expect: map[string]bool{},
 				onIntermediate: o.onIntermediate},
-			pkt: pkt, opts: o, tried: map[string]bool{}, sentTo: map[string]bool{},
+			pkt: pkt, opts: o, tried: make(idSet, 0, len(targets)), sentTo: make(idSet, 0, len(targets)),
 			idem: targets[0].idem[svc],
 		}
 		for _, id := range ids {
 			mc.expect[id] = true
-			mc.tried[id] = true
-			mc.sentTo[id] = true
+			mc.tried.add(id)
+			mc.sentTo.add(id)
 			m.reg.addPending(id, 1)
 		}
 		m.out[token] = mc
@@ -672,7 +673,7 @@ func (m *Mapper) toFailsafe(ctx context.Context, pkt *Packet, o requestOptions) 
 	var mc *mcall
 	if pkt.Kind == KindRequest {
 		mc = &mcall{call: &call{token: pkt.Token, service: pkt.Type, done: make(chan struct{}), onIntermediate: o.onIntermediate},
-			pkt: pkt, opts: o, tried: map[string]bool{}, sentTo: map[string]bool{}, viaQueue: true}
+			pkt: pkt, opts: o, viaQueue: true}
 		m.mu.Lock()
 		m.out[pkt.Token] = mc
 		m.mu.Unlock()
@@ -708,7 +709,7 @@ func (m *Mapper) finishCall(mc *mcall) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	delete(m.out, mc.token)
-	for id := range mc.sentTo {
+	for _, id := range mc.sentTo {
 		m.reg.addPending(id, -1)
 	}
 	mc.sentTo = nil
@@ -761,8 +762,8 @@ func (m *Mapper) handleReply(d *delivery) {
 			return
 		}
 		m.mu.Lock()
-		if mc.sentTo[p.From] {
-			delete(mc.sentTo, p.From)
+		if mc.sentTo.has(p.From) {
+			mc.sentTo.del(p.From)
 			m.reg.addPending(p.From, -1)
 		}
 		m.mu.Unlock()
@@ -773,11 +774,7 @@ func (m *Mapper) handleReply(d *delivery) {
 func (m *Mapper) holders(mc *mcall) []string {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	out := make([]string, 0, len(mc.sentTo))
-	for id := range mc.sentTo {
-		out = append(out, id)
-	}
-	return out
+	return append([]string(nil), mc.sentTo...)
 }
 
 // handleReturn deals with a request the broker could not route (the agent's
@@ -798,4 +795,30 @@ func (m *Mapper) handleReturn(r returned) {
 		id := r.Key[len(prefix):]
 		m.agentGone(mc, id, CodeNotDelivered, fmt.Sprintf("queue of agent %s is gone (%s)", id, r.Reason))
 	}
+}
+
+// idSet is a small set of agent identities; requests usually involve one.
+type idSet []string
+
+func (s idSet) has(id string) bool { return slices.Contains(s, id) }
+
+func (s *idSet) add(id string) {
+	if !s.has(id) {
+		*s = append(*s, id)
+	}
+}
+
+func (s *idSet) del(id string) {
+	if i := slices.Index(*s, id); i >= 0 {
+		*s = slices.Delete(*s, i, i+1)
+	}
+}
+
+// set returns the identities as a map, for the rare retry path.
+func (s idSet) set() map[string]bool {
+	m := make(map[string]bool, len(s))
+	for _, id := range s {
+		m[id] = true
+	}
+	return m
 }
