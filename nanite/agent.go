@@ -14,6 +14,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/nanite-go/nanite/security"
 )
 
 // Version is the version of this implementation, reported by agents.
@@ -68,6 +70,9 @@ type AgentConfig struct {
 	// DedupeSize bounds the cache of recently handled request tokens
 	// (default 10000).
 	DedupeSize int
+	// Secure turns on secure mode: signed packets, policy, sealing
+	// (docs/security.md). Nil: plain mode.
+	Secure *Secure
 	// Logger receives the agent's logs (default: discard).
 	Logger *slog.Logger
 }
@@ -83,6 +88,7 @@ type Agent struct {
 	calls    *calls
 	dedupe   *dedupe
 	stats    agentStats
+	rejects  counters // refused by secure mode, by reason
 	inflight atomic.Int64
 	start    time.Time
 
@@ -96,7 +102,7 @@ type Agent struct {
 
 type agentStats struct {
 	received, succeeded, failed, panics, badPackets, unknown, expired,
-	duplicates, intermediates, pushes, tooLarge atomic.Int64
+	duplicates, intermediates, pushes, tooLarge, unauthorized atomic.Int64
 }
 
 // NewAgent returns an agent; AddActor its actors, then Run it.
@@ -145,6 +151,9 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	if !ValidIdentity(id) {
 		return nil, fmt.Errorf("nanite: invalid agent identity %q", id)
+	}
+	if err := cfg.Secure.check(id); err != nil {
+		return nil, err
 	}
 	a := &Agent{
 		cfg:     cfg,
@@ -195,7 +204,7 @@ func (a *Agent) Services() []ServiceInfo {
 // Stats returns the agent's counters.
 func (a *Agent) Stats() map[string]int64 {
 	s := &a.stats
-	return map[string]int64{
+	out := map[string]int64{
 		"received":          s.received.Load(),
 		"succeeded":         s.succeeded.Load(),
 		"failed":            s.failed.Load(),
@@ -208,7 +217,10 @@ func (a *Agent) Stats() map[string]int64 {
 		"pushes":            s.pushes.Load(),
 		"too_large":         s.tooLarge.Load(),
 		"in_flight":         a.inflight.Load(),
+		"unauthorized":      s.unauthorized.Load(),
 	}
+	a.rejects.into(out, "rejected_")
+	return out
 }
 
 // Run connects, registers and serves until ctx ends, then shuts down
@@ -288,9 +300,11 @@ func (a *Agent) shutdown(linkCtx context.Context) {
 		<-done
 	}
 	a.cancelHandler(ErrClosed)
-	ctx, cancel := context.WithTimeout(linkCtx, 2*time.Second)
-	defer cancel()
-	a.publishState(ctx, KindUnregister, ExchangeRegistration)
+	if a.link.connected() {
+		ctx, cancel := context.WithTimeout(linkCtx, 2*time.Second)
+		defer cancel()
+		a.publishState(ctx, KindUnregister, ExchangeRegistration)
+	}
 	// Whatever is still waiting for a mapper's answer ends now.
 	for _, c := range a.calls.all() {
 		c.fail(fmt.Errorf("%w: agent shutting down", ErrClosed))
@@ -313,6 +327,9 @@ func (a *Agent) statePacket(kind Kind) *Packet {
 
 func (a *Agent) publishState(ctx context.Context, kind Kind, exchange string) {
 	body, err := a.statePacket(kind).Encode()
+	if err == nil {
+		body, err = a.cfg.Secure.wrap(body, kind == KindHeartbeat)
+	}
 	if err != nil {
 		a.log.Error("encode state packet", "err", err)
 		return
@@ -341,7 +358,22 @@ func (a *Agent) heartbeat(ctx context.Context) {
 // block for long: handlers run in their own goroutines (bounded by the
 // prefetch).
 func (a *Agent) handleDelivery(d *delivery) {
-	p, err := DecodePacket(d.Body, a.cfg.MaxPayload)
+	sec := a.cfg.Secure
+	in, err := sec.open(d.Body, a.cfg.MaxPayload, security.RoleMapper, security.RoleClient, security.RoleBridge)
+	p := in.pkt
+	if err != nil && sec != nil && !errors.Is(err, errBadPacket) && !errors.Is(err, ErrTooLarge) {
+		// Refused by secure mode: counted, logged, and the requester told
+		// where it can be.
+		reason := rejectReason(err)
+		a.rejects.add(reason)
+		a.log.Warn("refused packet", "reason", reason, "err", err)
+		if token, replyTo := peekRequest(d.Body); token != "" && replyTo != "" {
+			a.reply(&Packet{Kind: KindRequest, Token: token, ReplyTo: replyTo}, security.SealKey{}, nil,
+				&ErrorBody{Code: CodeUnauthorized, Message: fmt.Sprintf("agent %s refused the request (%s): %v", a.id, reason, err)})
+		}
+		_ = d.Ack()
+		return
+	}
 	if err != nil {
 		a.stats.badPackets.Add(1)
 		code := CodeBadRequest
@@ -352,9 +384,9 @@ func (a *Agent) handleDelivery(d *delivery) {
 		}
 		a.log.Warn("rejected packet", "err", err)
 		if p != nil && p.Token != "" && p.ReplyTo != "" {
-			a.reply(d, p, nil, &ErrorBody{Code: code, Message: err.Error()})
+			a.reply(p, security.SealKey{}, nil, &ErrorBody{Code: code, Message: err.Error()})
 		} else if d.ReplyTo != "" && d.CorrelationID != "" {
-			a.reply(d, &Packet{Token: d.CorrelationID, ReplyTo: d.ReplyTo}, nil, &ErrorBody{Code: code, Message: err.Error()})
+			a.reply(&Packet{Token: d.CorrelationID, ReplyTo: d.ReplyTo}, security.SealKey{}, nil, &ErrorBody{Code: code, Message: err.Error()})
 		}
 		_ = d.Ack()
 		return
@@ -374,6 +406,32 @@ func (a *Agent) handleDelivery(d *delivery) {
 	a.stats.received.Add(1)
 	if p.Kind == KindPush {
 		a.stats.pushes.Add(1)
+	}
+	if p.To != "" && p.To != a.id {
+		// Signed for another agent: a broker (or a mapper) delivered it
+		// to the wrong queue.
+		a.rejects.add("misdelivered")
+		a.log.Warn("refused packet", "reason", "misdelivered", "to", p.To)
+		a.finish(d, p, security.SealKey{}, nil, &ErrorBody{Code: CodeUnauthorized, Message: fmt.Sprintf("request for %s delivered to %s", p.To, a.id)})
+		return
+	}
+	var sealTo security.SealKey
+	if p.Sealed != nil {
+		if sec == nil {
+			a.stats.badPackets.Add(1)
+			a.finish(d, p, sealTo, nil, &ErrorBody{Code: CodeBadRequest, Message: "sealed payload sent to an agent not in secure mode"})
+			return
+		}
+		payload, err := sec.Identity.OpenSealed(security.SealInfo(p.Token, p.Type, a.id), p.Sealed)
+		if err != nil {
+			reason := rejectReason(err)
+			a.rejects.add(reason)
+			a.log.Warn("refused packet", "reason", reason, "err", err)
+			a.finish(d, p, sealTo, nil, &ErrorBody{Code: CodeUnauthorized, Message: fmt.Sprintf("agent %s cannot open the sealed payload: %v", a.id, err)})
+			return
+		}
+		p.Payload, p.Sealed = payload, nil
+		sealTo = in.peer.SealKey
 	}
 
 	// Duplicates: a redelivered or retried request already handled here.
@@ -395,8 +453,20 @@ func (a *Agent) handleDelivery(d *delivery) {
 	if m == nil {
 		a.stats.unknown.Add(1)
 		a.log.Warn("request for unknown service", "service", p.Type, "from", p.From)
-		a.finish(d, p, nil, &ErrorBody{Code: CodeUnknown, Message: fmt.Sprintf("agent %s does not offer %s", a.id, p.Type)})
+		a.finish(d, p, sealTo, nil, &ErrorBody{Code: CodeUnknown, Message: fmt.Sprintf("agent %s does not offer %s", a.id, p.Type)})
 		return
+	}
+	if sec != nil && sec.Policy != nil {
+		// The policy decides on the original caller (for a relayed
+		// request, the signer of its origin), before anything runs.
+		dec := sec.Policy.Decide(security.Caller{Name: in.caller.Name, Role: in.caller.Role}, svc, a.cfg.Tags)
+		if !dec.Allowed {
+			a.stats.unauthorized.Add(1)
+			a.rejects.add("not_authorized")
+			a.log.Warn("request not authorized", "caller", in.caller.Name, "role", in.caller.Role, "service", svc, "rule", dec.Rule)
+			a.finish(d, p, sealTo, nil, &ErrorBody{Code: CodeUnauthorized, Message: fmt.Sprintf("%s may not call %s on %s: %s", in.caller.Name, svc, a.id, dec.Reason)})
+			return
+		}
 	}
 	deadline := p.deadlineTime()
 	if !deadline.IsZero() {
@@ -406,7 +476,7 @@ func (a *Agent) handleDelivery(d *delivery) {
 	}
 	if !deadline.IsZero() && time.Now().After(deadline) {
 		a.stats.expired.Add(1)
-		a.finish(d, p, nil, &ErrorBody{Code: CodeExpired, Message: fmt.Sprintf("deadline passed %v before %s ran", time.Since(deadline).Round(time.Millisecond), svc)})
+		a.finish(d, p, sealTo, nil, &ErrorBody{Code: CodeExpired, Message: fmt.Sprintf("deadline passed %v before %s ran", time.Since(deadline).Round(time.Millisecond), svc)})
 		return
 	}
 	// Handlers may start only while the agent is not stopping, so that
@@ -423,10 +493,10 @@ func (a *Agent) handleDelivery(d *delivery) {
 		a.dedupe.begin(p.Token, p.ReplyTo)
 	}
 	a.inflight.Add(1)
-	go a.run(d, p, svc, m, deadline)
+	go a.run(d, p, sealTo, svc, m, deadline)
 }
 
-func (a *Agent) run(d *delivery, p *Packet, svc string, m *Method, deadline time.Time) {
+func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string, m *Method, deadline time.Time) {
 	defer a.handlers.Done()
 	defer a.inflight.Add(-1)
 	ctx := a.handlerCtx
@@ -446,7 +516,16 @@ func (a *Agent) run(d *delivery, p *Packet, svc string, m *Method, deadline time
 				return fmt.Errorf("nanite: encode intermediate result: %w", err)
 			}
 			ip := &Packet{Kind: KindIntermediate, Token: p.Token, From: a.id, Key: key, Payload: b}
+			if !sealTo.IsZero() {
+				if ip.Sealed, err = sealPayload(sealTo, b, p.Token, "intermediate", a.id, key); err != nil {
+					return err
+				}
+				ip.Payload = nil
+			}
 			body, err := ip.Encode()
+			if err == nil {
+				body, err = a.cfg.Secure.wrap(body, false)
+			}
 			if err != nil {
 				return err
 			}
@@ -477,7 +556,7 @@ func (a *Agent) run(d *delivery, p *Packet, svc string, m *Method, deadline time
 	} else {
 		a.stats.succeeded.Add(1)
 	}
-	a.finish(d, p, payload, ebody)
+	a.finish(d, p, sealTo, payload, ebody)
 }
 
 // call runs the handler, turning a panic or a context end into an error.
@@ -508,10 +587,10 @@ func (a *Agent) call(ctx context.Context, m *Method, req *Request) (res any, ebo
 
 // finish answers the request (unless it is a push), remembers the answer
 // for duplicates, and only then acknowledges the delivery.
-func (a *Agent) finish(d *delivery, p *Packet, payload json.RawMessage, ebody *ErrorBody) {
+func (a *Agent) finish(d *delivery, p *Packet, sealTo security.SealKey, payload json.RawMessage, ebody *ErrorBody) {
 	var body []byte
 	if p.Kind == KindRequest && p.ReplyTo != "" {
-		body = a.reply(d, p, payload, ebody)
+		body = a.reply(p, sealTo, payload, ebody)
 	}
 	if p.Token != "" {
 		for _, replyTo := range a.dedupe.done(p.Token, body) {
@@ -527,9 +606,22 @@ func (a *Agent) finish(d *delivery, p *Packet, payload json.RawMessage, ebody *E
 	}
 }
 
-func (a *Agent) reply(d *delivery, p *Packet, payload json.RawMessage, ebody *ErrorBody) []byte {
+// reply answers a request: signed in secure mode, sealed to sealTo when the
+// request was sealed.
+func (a *Agent) reply(p *Packet, sealTo security.SealKey, payload json.RawMessage, ebody *ErrorBody) []byte {
 	rp := &Packet{Kind: KindResult, Token: p.Token, From: a.id, Payload: payload, Error: ebody}
+	var err error
+	if !sealTo.IsZero() && len(payload) > 0 {
+		if rp.Sealed, err = sealPayload(sealTo, payload, p.Token, "result", a.id); err != nil {
+			a.log.Error("seal result", "err", err)
+			return nil
+		}
+		rp.Payload = nil
+	}
 	body, err := rp.encodeTrusted()
+	if err == nil {
+		body, err = a.cfg.Secure.wrap(body, false)
+	}
 	if err != nil {
 		a.log.Error("encode result", "err", err)
 		return nil
@@ -550,10 +642,26 @@ func (a *Agent) reply(d *delivery, p *Packet, payload json.RawMessage, ebody *Er
 
 // handleReply receives answers to requests the agent made itself.
 func (a *Agent) handleReply(d *delivery) {
-	p, err := DecodePacket(d.Body, a.cfg.MaxPayload)
-	if err != nil {
-		a.log.Warn("rejected reply", "err", err)
-		return
+	var p *Packet
+	if d.DeadLettered {
+		// Our own request, back from the dead-letter exchange: its
+		// envelope was signed by us and has been seen.
+		body := d.Body
+		if env, err := security.ParseEnvelope(d.Body); err == nil {
+			body = env.Body
+		}
+		var err error
+		if p, err = DecodePacket(body, a.cfg.MaxPayload); err != nil {
+			return
+		}
+	} else {
+		in, err := a.cfg.Secure.open(d.Body, a.cfg.MaxPayload, security.RoleMapper, security.RoleBridge)
+		if err != nil {
+			a.rejects.add(rejectReason(err))
+			a.log.Warn("rejected reply", "err", err)
+			return
+		}
+		p = in.pkt
 	}
 	if d.DeadLettered {
 		if c := a.calls.get(p.Token); c != nil {

@@ -49,6 +49,9 @@ func (a *Agent) originate(ctx context.Context, kind Kind, service string, payloa
 		p.ReplyTo = ReplyQueue(a.id)
 	}
 	enc, err := p.Encode()
+	if err == nil {
+		enc, err = a.cfg.Secure.wrap(enc, false)
+	}
 	if err != nil {
 		return nil, err
 	}

@@ -6,6 +6,7 @@ package nanite
 import (
 	"context"
 	"crypto/tls"
+	"crypto/x509"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -236,12 +237,19 @@ func (l *link) run(ctx context.Context) error {
 	}
 }
 
+// isPermanent reports errors that retrying cannot fix: refused credentials
+// or vhost, and TLS certificates that do not verify.
 func isPermanent(err error) bool {
 	var aerr *amqp.Error
 	if errors.As(err, &aerr) {
 		return aerr.Code == amqp.AccessRefused || aerr.Code == amqp.NotAllowed
 	}
-	return false
+	var cve *tls.CertificateVerificationError
+	var ua x509.UnknownAuthorityError
+	var he x509.HostnameError
+	var ci x509.CertificateInvalidError
+	var alert tls.AlertError
+	return errors.As(err, &cve) || errors.As(err, &ua) || errors.As(err, &he) || errors.As(err, &ci) || errors.As(err, &alert)
 }
 
 // connect dials, declares and starts consumers. closed receives when the
@@ -251,7 +259,7 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 	props.SetClientConnectionName(l.cfg.Name)
 	conn, err := amqp.DialConfig(l.cfg.URL, amqp.Config{
 		Heartbeat:       l.cfg.Heartbeat,
-		TLSClientConfig: l.cfg.TLS,
+		TLSClientConfig: l.cfg.TLS.Clone(), // the library sets ServerName in it
 		Properties:      props,
 		Dial:            amqp.DefaultDial(5 * time.Second),
 	})

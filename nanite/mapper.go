@@ -11,6 +11,8 @@ import (
 	"sync"
 	"sync/atomic"
 	"time"
+
+	"github.com/nanite-go/nanite/security"
 )
 
 // MapperConfig configures a mapper. Only URL is required.
@@ -51,6 +53,9 @@ type MapperConfig struct {
 	// RelayConcurrency bounds the agent-originated and failsafe requests
 	// handled at once (default 256).
 	RelayConcurrency int
+	// Secure turns on secure mode: signed packets, verified senders,
+	// sealed payloads (docs/security.md). Nil: plain mode.
+	Secure *Secure
 	// Logger receives the mapper's logs (default: discard).
 	Logger *slog.Logger
 }
@@ -74,6 +79,7 @@ type Mapper struct {
 	upSince  time.Time         // when the current connection came up
 
 	running atomic.Bool
+	rejects counters        // refused by secure mode, by reason
 	linkCtx context.Context // set by Run before the link starts
 	stats   mapperStats
 	relays  sync.WaitGroup
@@ -134,6 +140,9 @@ func NewMapper(cfg MapperConfig) (*Mapper, error) {
 	}
 	if !ValidIdentity(id) {
 		return nil, fmt.Errorf("nanite: invalid mapper identity %q", id)
+	}
+	if err := cfg.Secure.check(id); err != nil {
+		return nil, err
 	}
 	m := &Mapper{
 		cfg:      cfg,
@@ -242,6 +251,9 @@ func (m *Mapper) newMapperLink() *link {
 func (m *Mapper) advertiseAll(ctx context.Context) {
 	p := &Packet{Kind: KindAdvertise, From: m.id}
 	body, err := p.Encode()
+	if err == nil {
+		body, err = m.cfg.Secure.wrap(body, false)
+	}
 	if err != nil {
 		return
 	}
@@ -358,10 +370,21 @@ func (m *Mapper) failAll(err error) {
 
 // handleState processes registration-fanout and heartbeat-fanout packets.
 func (m *Mapper) handleState(d *delivery) {
-	p, err := DecodePacket(d.Body, m.cfg.MaxPayload)
+	in, err := m.cfg.Secure.open(d.Body, m.cfg.MaxPayload, security.RoleAgent)
+	p := in.pkt
 	if err != nil {
 		m.stats.badPackets.Add(1)
-		m.log.Warn("rejected state packet", "err", err)
+		reason := rejectReason(err)
+		m.rejects.add(reason)
+		m.log.Warn("rejected state packet", "reason", reason, "err", err)
+		if errors.Is(err, security.ErrUnknownSigner) {
+			// A heartbeat without its certificate from an agent this
+			// mapper has not seen register: ask it to register again.
+			if env, perr := security.ParseEnvelope(d.Body); perr == nil && len(env.Cert) == 0 && ValidIdentity(env.Signer) {
+				m.stats.advertises.Add(1)
+				go m.askAdvertise(env.Signer)
+			}
+		}
 		return
 	}
 	now := time.Now()
@@ -376,6 +399,9 @@ func (m *Mapper) handleState(d *delivery) {
 			InFlight: p.InFlight, Version: p.AgentVer, Heartbeat: time.Duration(p.Interval) * time.Millisecond}
 		if p.Status != nil {
 			st.Status = *p.Status
+		}
+		if in.peer != nil {
+			st.sealKey = in.peer.SealKey
 		}
 		m.mu.Lock()
 		isNew := m.reg.upsert(st, now)
@@ -410,6 +436,9 @@ func (m *Mapper) handleState(d *delivery) {
 
 func (m *Mapper) askAdvertise(id string) {
 	body, err := (&Packet{Kind: KindAdvertise, From: m.id}).Encode()
+	if err == nil {
+		body, err = m.cfg.Secure.wrap(body, false)
+	}
 	if err != nil {
 		return
 	}
@@ -458,7 +487,7 @@ func (m *Mapper) Stats() map[string]int64 {
 	m.mu.Lock()
 	agents, outstanding := len(m.reg.agents), len(m.out)
 	m.mu.Unlock()
-	return map[string]int64{
+	out := map[string]int64{
 		"agents": int64(agents), "outstanding": int64(outstanding),
 		"requests": s.requests.Load(), "pushes": s.pushes.Load(), "results": s.results.Load(),
 		"timeouts": s.timeouts.Load(), "no_agent": s.noAgent.Load(), "retries": s.retries.Load(),
@@ -466,6 +495,8 @@ func (m *Mapper) Stats() map[string]int64 {
 		"relayed": s.relayed.Load(), "failsafe_held": s.failsafeHeld.Load(), "registrations": s.registrations.Load(),
 		"agents_dropped": s.dropped.Load(), "advertise_requests": s.advertises.Load(),
 	}
+	m.rejects.into(out, "rejected_")
+	return out
 }
 
 // Request sends a request for service and waits for its results. With the
@@ -483,7 +514,7 @@ func (m *Mapper) Request(ctx context.Context, service string, payload any, opts 
 	if err != nil {
 		return nil, err
 	}
-	return m.request(ctx, KindRequest, service, body, o, m.id, "", false)
+	return m.request(ctx, KindRequest, service, body, o, m.id, "", nil, false)
 }
 
 // Push sends a request without waiting for any result (fire and forget). It
@@ -497,7 +528,7 @@ func (m *Mapper) Push(ctx context.Context, service string, payload any, opts ...
 	if err != nil {
 		return err
 	}
-	_, err = m.request(ctx, KindPush, service, body, o, m.id, "", false)
+	_, err = m.request(ctx, KindPush, service, body, o, m.id, "", nil, false)
 	return err
 }
 
@@ -505,7 +536,7 @@ func (m *Mapper) Push(ctx context.Context, service string, payload any, opts ...
 // original requester; token is reused when relaying (empty: new). When
 // holdForAgent is set, a missing agent is waited for until the deadline (the
 // failsafe queue's consumer does this).
-func (m *Mapper) request(ctx context.Context, kind Kind, service string, body json.RawMessage, o requestOptions, from, token string, holdForAgent bool) (*Response, error) {
+func (m *Mapper) request(ctx context.Context, kind Kind, service string, body json.RawMessage, o requestOptions, from, token string, origin json.RawMessage, holdForAgent bool) (*Response, error) {
 	if !m.running.Load() || m.link == nil {
 		return nil, fmt.Errorf("%w: mapper is not running", ErrClosed)
 	}
@@ -528,7 +559,7 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 	}
 	pkt := &Packet{Kind: kind, Type: svc, Payload: body, From: from, Token: token,
 		Selector: o.selector, Target: o.target, Tags: o.tags, TagMatch: o.tagMatch,
-		Persistent: o.persistent, Deadline: unixMilli(deadline)}
+		Persistent: o.persistent, Deadline: unixMilli(deadline), Origin: origin}
 	if kind == KindRequest {
 		pkt.ReplyTo = ReplyQueue(m.id)
 		m.stats.requests.Add(1)
@@ -649,7 +680,29 @@ func (m *Mapper) pickLocked(ctx context.Context, svc string, o *requestOptions, 
 
 // send publishes a request or push packet to one agent's queue.
 func (m *Mapper) send(ctx context.Context, pkt *Packet, agent string) error {
+	if sec := m.cfg.Secure; sec != nil {
+		// Signed for this agent only; sealed to it when asked.
+		cp := *pkt
+		cp.To = agent
+		if sec.Seal && len(cp.Payload) > 0 {
+			m.mu.Lock()
+			var key security.SealKey
+			if e := m.reg.agents[agent]; e != nil {
+				key = e.sealKey
+			}
+			m.mu.Unlock()
+			sealed, err := sealPayload(key, cp.Payload, cp.Token, cp.Type, agent)
+			if err != nil {
+				return fmt.Errorf("nanite: seal request for agent %s: %w", agent, err)
+			}
+			cp.Sealed, cp.Payload = sealed, nil
+		}
+		pkt = &cp
+	}
 	body, err := pkt.encodeTrusted()
+	if err == nil {
+		body, err = m.cfg.Secure.wrap(body, false)
+	}
 	if err != nil {
 		return err
 	}
@@ -667,6 +720,9 @@ func (m *Mapper) send(ctx context.Context, pkt *Packet, agent string) error {
 func (m *Mapper) toFailsafe(ctx context.Context, pkt *Packet, o requestOptions) (*Response, error) {
 	pkt.Failsafe = true
 	body, err := pkt.encodeTrusted()
+	if err == nil {
+		body, err = m.cfg.Secure.wrap(body, false)
+	}
 	if err != nil {
 		return nil, err
 	}
@@ -718,11 +774,44 @@ func (m *Mapper) finishCall(mc *mcall) {
 // handleReply processes results, intermediate results and dead-lettered
 // requests arriving on the mapper's reply queue.
 func (m *Mapper) handleReply(d *delivery) {
-	p, err := DecodePacket(d.Body, m.cfg.MaxPayload)
-	if err != nil {
-		m.stats.badPackets.Add(1)
-		m.log.Warn("rejected reply", "err", err)
-		return
+	var p *Packet
+	if d.DeadLettered {
+		// Our own request, back from the dead-letter exchange: its
+		// envelope was signed by us.
+		body := d.Body
+		if env, err := security.ParseEnvelope(d.Body); err == nil {
+			body = env.Body
+		}
+		var err error
+		if p, err = DecodePacket(body, m.cfg.MaxPayload); err != nil {
+			return
+		}
+	} else {
+		in, err := m.cfg.Secure.open(d.Body, m.cfg.MaxPayload, security.RoleAgent, security.RoleMapper, security.RoleBridge)
+		if err != nil {
+			m.stats.badPackets.Add(1)
+			reason := rejectReason(err)
+			m.rejects.add(reason)
+			m.log.Warn("rejected reply", "reason", reason, "err", err)
+			return
+		}
+		p = in.pkt
+		if p.Sealed != nil {
+			if m.cfg.Secure == nil {
+				return
+			}
+			info := security.SealInfo(p.Token, "result", p.From)
+			if p.Kind == KindIntermediate {
+				info = security.SealInfo(p.Token, "intermediate", p.From, p.Key)
+			}
+			payload, err := m.cfg.Secure.Identity.OpenSealed(info, p.Sealed)
+			if err != nil {
+				m.rejects.add(rejectReason(err))
+				m.log.Warn("cannot open sealed reply", "from", p.From, "err", err)
+				return
+			}
+			p.Payload, p.Sealed = payload, nil
+		}
 	}
 	m.mu.Lock()
 	mc := m.out[p.Token]

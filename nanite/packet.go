@@ -79,6 +79,11 @@ type Packet struct {
 	Interval   int64         `json:"heartbeat_ms,omitempty"`
 	AgentVer   string        `json:"agent_version,omitempty"`
 	SentAtUnix int64         `json:"sent_at,omitempty"` // Unix milliseconds
+
+	// Secure mode (docs/security.md).
+	To     string          `json:"to,omitempty"`     // the agent a request was signed for
+	Sealed []byte          `json:"sealed,omitempty"` // the payload, sealed to the recipient (base64)
+	Origin json.RawMessage `json:"origin,omitempty"` // the original caller's envelope, on relayed requests
 }
 
 // ServiceInfo describes one service an agent offers.
@@ -127,7 +132,7 @@ func DecodePacket(b []byte, max int) (*Packet, error) {
 		return nil, fmt.Errorf("%w: %d bytes exceeds the limit of %d", ErrTooLarge, len(b), max)
 	}
 	var p Packet
-	if err := json.Unmarshal(b, &p); err != nil {
+	if err := unmarshalPacket(b, &p); err != nil { // json.Unmarshal, see codec.go
 		return nil, fmt.Errorf("%w: %v", errBadPacket, err)
 	}
 	if err := p.validate(); err != nil {
@@ -165,28 +170,17 @@ func (p *Packet) validate() error {
 // Encode marshals the packet, filling in the protocol version.
 func (p *Packet) Encode() ([]byte, error) {
 	p.Version = ProtocolVersion
-	if p.Payload != nil && !json.Valid(p.Payload) {
+	if p.Payload != nil && !validJSON(p.Payload) {
 		return nil, fmt.Errorf("nanite: encode %s packet: payload is not JSON", p.Kind)
 	}
 	return p.encodeTrusted()
 }
 
+// encodeTrusted is Encode for a packet whose payload is known to be valid
+// JSON: json.Marshal of the packet with the payload spliced in unchanged as
+// its last member (see codec.go).
 func (p *Packet) encodeTrusted() ([]byte, error) {
-	q := *p
-	q.Version = ProtocolVersion
-	q.Payload = nil
-	b, err := json.Marshal(&q)
-	if err != nil {
-		return nil, fmt.Errorf("nanite: encode %s packet: %w", p.Kind, err)
-	}
-	if len(p.Payload) == 0 {
-		return b, nil
-	}
-	out := make([]byte, 0, len(b)+len(`,"payload":`)+len(p.Payload))
-	out = append(out, b[:len(b)-1]...)
-	out = append(out, `,"payload":`...)
-	out = append(out, p.Payload...)
-	return append(out, '}'), nil
+	return marshalPacket(p)
 }
 
 // deadlineTime converts the wire deadline to a time.

@@ -6,6 +6,8 @@ import (
 	"slices"
 	"sort"
 	"time"
+
+	"github.com/nanite-go/nanite/security"
 )
 
 // AgentState is a mapper's view of one agent.
@@ -21,6 +23,8 @@ type AgentState struct {
 	LastSeen   time.Time     `json:"last_seen"`
 	Registered time.Time     `json:"registered"`
 	Heartbeat  time.Duration `json:"heartbeat_interval"`
+
+	sealKey security.SealKey // from its certificate, in secure mode
 }
 
 // agentEntry is a registry record. Every field is guarded by the mapper's

@@ -2,8 +2,12 @@ package nanite
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"time"
+
+	"github.com/nanite-go/nanite/security"
 )
 
 // handleRelay serves the shared queues of a mapper daemon: agent-originated
@@ -12,7 +16,19 @@ import (
 // one mapper; the message is acknowledged only after the request has been
 // answered, so a mapper that dies mid-relay leaves it to another one.
 func (m *Mapper) handleRelay(d *delivery) {
-	p, err := DecodePacket(d.Body, m.cfg.MaxPayload)
+	in, err := m.cfg.Secure.open(d.Body, m.cfg.MaxPayload, security.RoleAgent, security.RoleMapper, security.RoleClient, security.RoleBridge)
+	p := in.pkt
+	if err != nil && m.cfg.Secure != nil && !errors.Is(err, errBadPacket) && !errors.Is(err, ErrTooLarge) {
+		reason := rejectReason(err)
+		m.rejects.add(reason)
+		m.log.Warn("refused relayed packet", "reason", reason, "err", err)
+		if token, replyTo := peekRequest(d.Body); token != "" && replyTo != "" {
+			m.relayAnswer(&Packet{Token: token, ReplyTo: replyTo}, nil,
+				&ErrorBody{Code: CodeUnauthorized, Message: fmt.Sprintf("mapper %s refused the request (%s): %v", m.id, reason, err)})
+		}
+		_ = d.Ack()
+		return
+	}
 	if err != nil || (p.Kind != KindRequest && p.Kind != KindPush) {
 		m.stats.badPackets.Add(1)
 		m.log.Warn("rejected relayed packet", "err", err)
@@ -22,10 +38,19 @@ func (m *Mapper) handleRelay(d *delivery) {
 		_ = d.Ack()
 		return
 	}
+	// In secure mode the agents must see who asked: the original signed
+	// envelope travels along as the request's origin.
+	var origin json.RawMessage
+	if m.cfg.Secure != nil {
+		origin = p.Origin
+		if len(origin) == 0 {
+			origin = d.Body
+		}
+	}
 	m.relays.Add(1)
 	go func() {
 		defer m.relays.Done()
-		m.relay(d, p)
+		m.relay(d, p, origin)
 	}()
 }
 
@@ -36,7 +61,7 @@ func errString(err error, def string) string {
 	return err.Error()
 }
 
-func (m *Mapper) relay(d *delivery, p *Packet) {
+func (m *Mapper) relay(d *delivery, p *Packet, origin json.RawMessage) {
 	m.stats.relayed.Add(1)
 	var o requestOptions
 	o.fromPacket(p)
@@ -55,7 +80,7 @@ func (m *Mapper) relay(d *delivery, p *Packet) {
 	if p.Failsafe {
 		m.stats.failsafeHeld.Add(1)
 	}
-	resp, err := m.request(ctx, p.Kind, p.Type, p.Payload, o, p.From, p.Token, p.Failsafe)
+	resp, err := m.request(ctx, p.Kind, p.Type, p.Payload, o, p.From, p.Token, origin, p.Failsafe)
 	if p.Kind == KindRequest {
 		var records []ResultRecord
 		if resp != nil {
@@ -86,6 +111,9 @@ func (m *Mapper) relay(d *delivery, p *Packet) {
 func (m *Mapper) relayAnswer(p *Packet, records []ResultRecord, ebody *ErrorBody) {
 	rp := &Packet{Kind: KindResult, Token: p.Token, From: m.id, Results: records, Error: ebody}
 	body, err := rp.Encode()
+	if err == nil {
+		body, err = m.cfg.Secure.wrap(body, false)
+	}
 	if err != nil {
 		m.log.Error("encode relayed result", "err", err)
 		return

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"log/slog"
 	"strings"
 	"time"
@@ -116,6 +117,7 @@ type agentSpec struct {
 	ActorsFile    string
 	Examples      bool
 	ShutdownGrace time.Duration
+	TLS           *tls.Config // for amqps:// URLs
 }
 
 // resolve applies flags > config file > defaults to the agent's settings.
@@ -163,6 +165,10 @@ func agentRun(ctx context.Context, opts *AgentOptions) error {
 	}
 	log := s.newLogger(opts.IO.ErrOut, slog.LevelInfo)
 	spec := opts.resolve(s.File.Agent)
+	spec.TLS = s.TLS.Config
+	if err := checkTLS(ctx, s.URL, spec.TLS); err != nil {
+		return err
+	}
 	a, err := buildAgent(spec, s.URL, log)
 	if err != nil {
 		return err
@@ -180,6 +186,7 @@ func agentRun(ctx context.Context, opts *AgentOptions) error {
 func buildAgent(spec agentSpec, url string, log *slog.Logger) (*nanite.Agent, error) {
 	a, err := nanite.NewAgent(nanite.AgentConfig{
 		URL:               url,
+		TLS:               spec.TLS,
 		Identity:          spec.Identity,
 		DataDir:           spec.DataDir,
 		Tags:              spec.Tags,

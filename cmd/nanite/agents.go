@@ -76,7 +76,7 @@ func agentsRun(ctx context.Context, opts *AgentsOptions) error {
 		return err
 	}
 	log := s.newLogger(opts.IO.ErrOut, slog.LevelWarn)
-	c, err := openCluster(ctx, s.URL, log)
+	c, err := openCluster(ctx, s.URL, s.TLS.Config, log)
 	if err != nil {
 		return err
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -16,9 +17,10 @@ import (
 // checkBroker tells a broker that cannot be reached at all (nothing
 // listening, unknown host) at once, as a connectionError, instead of letting
 // the mapper retry in the background until the request's deadline. It only
-// opens and closes a TCP connection; credentials and vhost are checked by
-// the mapper itself.
-func checkBroker(ctx context.Context, raw string) error {
+// opens and closes a TCP connection (and, for amqps://, checks the TLS
+// handshake: see checkTLS); credentials and vhost are checked by the mapper
+// itself.
+func checkBroker(ctx context.Context, raw string, tlsConfig *tls.Config) error {
 	u, err := url.Parse(raw)
 	if err != nil {
 		return usageErrorf("broker URL: %v", err)
@@ -45,7 +47,8 @@ func checkBroker(ctx context.Context, raw string) error {
 	if err != nil {
 		return &connectionError{URL: raw, Err: err}
 	}
-	return conn.Close()
+	_ = conn.Close()
+	return checkTLS(ctx, raw, tlsConfig)
 }
 
 // cluster is the mapper a one-shot command (request, push, agents) embeds.
@@ -61,11 +64,11 @@ type cluster struct {
 
 // openCluster checks that the broker is reachable and starts an embedded
 // mapper on it. Close it when done.
-func openCluster(ctx context.Context, rawURL string, log *slog.Logger) (*cluster, error) {
-	if err := checkBroker(ctx, rawURL); err != nil {
+func openCluster(ctx context.Context, rawURL string, tlsConfig *tls.Config, log *slog.Logger) (*cluster, error) {
+	if err := checkBroker(ctx, rawURL, tlsConfig); err != nil {
 		return nil, err
 	}
-	m, err := nanite.NewMapper(nanite.MapperConfig{URL: rawURL, Logger: log})
+	m, err := nanite.NewMapper(nanite.MapperConfig{URL: rawURL, TLS: tlsConfig, Logger: log})
 	if err != nil {
 		return nil, err
 	}

@@ -59,6 +59,7 @@ type FileConfig struct {
 	LogLevel  string          `json:"log_level"`
 	LogFormat string          `json:"log_format"`
 	Agent     AgentFileConfig `json:"agent"`
+	TLS       TLSFileConfig   `json:"tls"` // see tls.go
 }
 
 // AgentFileConfig is the agent section of the config file: defaults for
@@ -80,6 +81,7 @@ type Settings struct {
 	LogFormat  string
 	ConfigFile string     // the config file read, "" when none
 	File       FileConfig // its contents, paths made absolute
+	TLS        TLSSettings
 }
 
 // settingsInput is everything the global settings are resolved from.
@@ -132,6 +134,11 @@ func resolveSettings(in settingsInput) (*Settings, error) {
 		}
 	}
 	s.URL = firstNonEmpty(in.Flags["url"], env(envURL), s.File.URL, DefaultURL)
+	tlsSettings, err := resolveTLS(in, s.File.TLS, s.URL)
+	if err != nil {
+		return nil, err
+	}
+	s.TLS = tlsSettings
 	s.LogLevel = firstNonEmpty(in.Flags["log-level"], env(envLogLevel), s.File.LogLevel)
 	s.LogFormat = firstNonEmpty(in.Flags["log-format"], env(envLogFormat), s.File.LogFormat, "text")
 	if s.LogLevel != "" {
@@ -195,6 +202,7 @@ func parseFileConfig(data []byte, dir string) (FileConfig, error) {
 	}
 	fc.Agent.DataDir = abs(fc.Agent.DataDir)
 	fc.Agent.Actors = abs(fc.Agent.Actors)
+	fc.TLS.CA, fc.TLS.Cert, fc.TLS.Key = abs(fc.TLS.CA), abs(fc.TLS.Cert), abs(fc.TLS.Key)
 	return fc, nil
 }
 

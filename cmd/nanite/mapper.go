@@ -71,8 +71,12 @@ func mapperRun(ctx context.Context, opts *MapperOptions) error {
 		return err
 	}
 	log := s.newLogger(opts.IO.ErrOut, slog.LevelInfo)
+	if err := checkTLS(ctx, s.URL, s.TLS.Config); err != nil {
+		return err
+	}
 	m, err := nanite.NewMapper(nanite.MapperConfig{
 		URL:                s.URL,
+		TLS:                s.TLS.Config,
 		Identity:           opts.Identity,
 		AgentTimeout:       opts.AgentTimeout,
 		RequestTimeout:     opts.RequestTimeout,

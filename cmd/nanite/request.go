@@ -216,7 +216,7 @@ func (o *RequestOptions) connect(ctx context.Context) (*cluster, *slog.Logger, e
 		return nil, nil, err
 	}
 	log := s.newLogger(o.IO.ErrOut, slog.LevelWarn)
-	c, err := openCluster(ctx, s.URL, log)
+	c, err := openCluster(ctx, s.URL, s.TLS.Config, log)
 	if err != nil {
 		return nil, nil, err
 	}

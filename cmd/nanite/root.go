@@ -67,6 +67,8 @@ vhost is one cluster.
 
 ` + configHelp + `
 
+` + tlsHelp + `
+
 ` + exitCodesHelp,
 		Example: `  # try it out: a private broker, a mapper and three agents
   nanite dev
@@ -94,6 +96,7 @@ vhost is one cluster.
 	pf.String("config", "", "config file, YAML or JSON (env NANITE_CONFIG; default $XDG_CONFIG_HOME/nanite/config.yaml if it exists)")
 	pf.String("log-level", "", "debug, info, warn or error (env NANITE_LOG_LEVEL; default info for daemons, warn otherwise)")
 	pf.String("log-format", "", "text or json (env NANITE_LOG_FORMAT; default text)")
+	addTLSFlags(pf)
 	f.global = pf
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &usageError{err} })
 
@@ -105,6 +108,7 @@ vhost is one cluster.
 		NewCmdAgents(f, nil),
 		NewCmdVersion(f, nil),
 		NewCmdDev(f, nil),
+		NewCmdVhost(f, nil),
 	)
 	// Commands defined by other files of this package: add one constructor
 	// per line. (bench.go registers newBenchCmd here.)

@@ -1,0 +1,496 @@
+package nanite
+
+// The codec (codec.go) against encoding/json: fixed cases, differential
+// fuzz targets (seed corpus in testdata/fuzz) and benchmarks.
+//
+//	go test ./nanite -run 'Codec' -v
+//	go test ./nanite -run '^$' -fuzz FuzzCodecDecode -fuzztime 5m
+//	go test ./nanite -run '^$' -fuzz FuzzCodecEncode -fuzztime 5m
+//	go test ./nanite -run '^$' -bench Codec -benchmem
+
+import (
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"math"
+	"reflect"
+	"strings"
+	"testing"
+)
+
+// refDecodePacket is DecodePacket as it was with encoding/json only.
+func refDecodePacket(b []byte, max int) (*Packet, error) {
+	if max > 0 && len(b) > max {
+		return nil, fmt.Errorf("%w: %d bytes exceeds the limit of %d", ErrTooLarge, len(b), max)
+	}
+	var p Packet
+	if err := json.Unmarshal(b, &p); err != nil {
+		return nil, fmt.Errorf("%w: %v", errBadPacket, err)
+	}
+	if err := p.validate(); err != nil {
+		return &p, err
+	}
+	return &p, nil
+}
+
+// refEncode and refEncodeTrusted are Encode and encodeTrusted as they were
+// with encoding/json only.
+func refEncode(p *Packet) ([]byte, error) {
+	p.Version = ProtocolVersion
+	if p.Payload != nil && !json.Valid(p.Payload) {
+		return nil, fmt.Errorf("nanite: encode %s packet: payload is not JSON", p.Kind)
+	}
+	return refEncodeTrusted(p)
+}
+
+func refEncodeTrusted(p *Packet) ([]byte, error) {
+	q := *p
+	q.Version = ProtocolVersion
+	q.Payload = nil
+	b, err := json.Marshal(&q)
+	if err != nil {
+		return nil, fmt.Errorf("nanite: encode %s packet: %w", p.Kind, err)
+	}
+	if len(p.Payload) == 0 {
+		return b, nil
+	}
+	out := make([]byte, 0, len(b)+len(`,"payload":`)+len(p.Payload))
+	out = append(out, b[:len(b)-1]...)
+	out = append(out, `,"payload":`...)
+	out = append(out, p.Payload...)
+	return append(out, '}'), nil
+}
+
+// checkDecode fails t unless DecodePacket and refDecodePacket agree on b:
+// the same error text (or none) and deeply equal packets.
+func checkDecode(t *testing.T, b []byte) {
+	t.Helper()
+	got, gerr := DecodePacket(b, 0)
+	want, werr := refDecodePacket(b, 0)
+	if fmt.Sprint(gerr) != fmt.Sprint(werr) {
+		t.Fatalf("decode %q:\n got error %v\nwant error %v", b, gerr, werr)
+	}
+	if !reflect.DeepEqual(got, want) {
+		t.Fatalf("decode %q:\n got %#v\nwant %#v", b, got, want)
+	}
+	// What the fast path accepts, encoding/json accepts with the same result.
+	var p Packet
+	d := decoder{b: b}
+	if d.packet(&p) {
+		var q Packet
+		if err := json.Unmarshal(b, &q); err != nil {
+			t.Fatalf("fast path accepted %q, encoding/json: %v", b, err)
+		}
+		if !reflect.DeepEqual(p, q) {
+			t.Fatalf("fast path on %q:\n got %#v\nwant %#v", b, p, q)
+		}
+	}
+	if validJSON(b) != json.Valid(b) {
+		t.Fatalf("validJSON(%q) = %v, json.Valid: %v", b, validJSON(b), json.Valid(b))
+	}
+}
+
+// checkEncode fails t unless Encode and encodeTrusted of p return what
+// refEncode and refEncodeTrusted return, byte for byte, or the same error.
+func checkEncode(t *testing.T, p *Packet) {
+	t.Helper()
+	q := *p
+	got, gerr := p.encodeTrusted()
+	want, werr := refEncodeTrusted(&q)
+	if fmt.Sprint(gerr) != fmt.Sprint(werr) || !bytes.Equal(got, want) {
+		t.Fatalf("encodeTrusted %#v:\n got %s, %v\nwant %s, %v", p, got, gerr, want, werr)
+	}
+	p1, p2 := *p, *p
+	got, gerr = p1.Encode()
+	want, werr = refEncode(&p2)
+	if fmt.Sprint(gerr) != fmt.Sprint(werr) || !bytes.Equal(got, want) {
+		t.Fatalf("Encode %#v:\n got %s, %v\nwant %s, %v", p, got, gerr, want, werr)
+	}
+	if !reflect.DeepEqual(p1, p2) {
+		t.Fatalf("Encode left %#v, want %#v", p1, p2)
+	}
+	if gerr == nil {
+		checkDecode(t, got)
+	}
+}
+
+// codecExamples are the packets of docs/protocol.md, one or more of every
+// kind. All of them take the fast path.
+var codecExamples = []string{
+	`{"v":1,"packet":"request","type":"/raw/echo","payload":{"hello":"world"},"from":"mapper-497fb8c43a06","token":"96136167171f972c283bf427edf0189a","reply_to":"nanite.reply.mapper-497fb8c43a06","selector":"least_loaded","tag_match":"all","deadline":1795704214459}`,
+	`{"v":1,"packet":"request","type":"/raw/echo","payload":"kept","from":"mapper-497fb8c43a06","token":"1a6097c59b7d4b8f59973883e68af299","reply_to":"nanite.reply.mapper-497fb8c43a06","selector":"least_loaded","tags":["raw"],"tag_match":"all","persistent":true,"deadline":1795704239464}`,
+	`{"v":1,"packet":"request","type":"/calc/add","payload":{"a":2,"b":3},"from":"raw-requester-1","token":"tok-1","reply_to":"nanite.reply.raw-requester-1","deadline":1795704222822}`,
+	`{"v":1,"packet":"request","type":"/db/query","from":"agent-7f3a","token":"fd86181707d4246df4c9a475b57351c0","reply_to":"nanite.reply.agent-7f3a","selector":"least_loaded","tag_match":"all","persistent":true,"offline_failsafe":true,"deadline":1795704590470}`,
+	`{"v":1,"packet":"request","type":"/db/query","payload":{"sql":"select 1"},"from":"agent-7f3a","token":"2a11c0fb40589032be67c5d7f502794c","reply_to":"nanite.reply.agent-7f3a","selector":"all","tags":["db"],"tag_match":"all","deadline":1795704590470,"attempt":2,"target":"go-agent-1"}`,
+	`{"v":1,"packet":"push","type":"/raw/echo","payload":"fire and forget","from":"mapper-497fb8c43a06","token":"566f9e78dfa7879ea28cb1d67c5bcd3f","selector":"least_loaded","tag_match":"all","deadline":1795704239471}`,
+	`{"v":1,"packet":"result","payload":{"sum":5},"from":"go-agent-1","token":"tok-1"}`,
+	`{"v":1,"packet":"result","payload":null,"from":"go-agent-1","token":"tok-1"}`,
+	`{"v":1,"packet":"result","from":"go-agent-1","token":"tok-2","error":{"code":"unknown_service","message":"agent go-agent-1 does not offer /calc/nope"}}`,
+	`{"v":1,"packet":"result","from":"go-agent-1","token":"tok-4","error":{"code":"expired","message":"deadline passed 1.001s before /calc/add ran"}}`,
+	`{"v":1,"packet":"result","from":"mapper-5ab35f3cb9ba","token":"tok-8","results":[{"agent":"go-agent-1","payload":{"sum":42}},{"agent":"go-agent-2","error":{"code":"timeout","message":"no answer"}}]}`,
+	`{"v":1,"packet":"result","from":"mapper-5ab35f3cb9ba","token":"tok-9","error":{"code":"no_agent","message":"nanite: no agent available: no registered agent offers /x/y"}}`,
+	`{"v":1,"packet":"intermediate","payload":"adding","from":"go-agent-1","token":"tok-1","key":"step"}`,
+	`{"v":1,"packet":"register","from":"go-agent-1","tags":["go"],"identity":"go-agent-1","queue":"nanite.agent.go-agent-1","services":[{"name":"/calc/add","idempotent":true},{"name":"/nanite/index","idempotent":true},{"name":"/nanite/info","idempotent":true},{"name":"/nanite/load","idempotent":true},{"name":"/nanite/ping","idempotent":true},{"name":"/nanite/services","idempotent":true},{"name":"/nanite/stats","idempotent":true},{"name":"/nanite/tags","idempotent":true},{"name":"/nanite/version","idempotent":true}],"status":0.5,"heartbeat_ms":300,"agent_version":"0.1.0","sent_at":1795704212556}`,
+	`{"agent_version":"raw-0","from":"raw-agent-1","heartbeat_ms":300,"identity":"raw-agent-1","packet":"register","queue":"nanite.agent.raw-agent-1","sent_at":1795704209444,"services":[{"idempotent":true,"name":"/raw/echo"},{"name":"/raw/stream"},{"name":"/raw/retired"}],"status":0.25,"tags":["raw","lang:none"],"v":1}`,
+	`{"v":1,"packet":"heartbeat","from":"go-agent-1","identity":"go-agent-1","status":0.5,"in_flight":3,"sent_at":1795704212820}`,
+	`{"v":1,"packet":"unregister","from":"go-agent-1","identity":"go-agent-1","status":0.5,"sent_at":1795704213079}`,
+	`{"v":1,"packet":"advertise","from":"mapper-497fb8c43a06"}`,
+}
+
+// codecDecodeCases are corner cases of encoding/json decoding; some take
+// the fast path, some fall back.
+var codecDecodeCases = []string{
+	``, ` `, `null`, `{}`, `[]`, `"x"`, `1`, `{`, `}`, `{"v":1,}`, `{"v":1}x`, `{"v":1} `, " \t\r\n{\"v\":1}\n",
+	`{"v":1,"packet":"push","type":"/a/b"}`,
+	// Whitespace everywhere; the payload keeps its own.
+	" { \"v\" : 1 , \"packet\" : \"push\" , \"type\" : \"/a/b\" , \"payload\" : { \"a\" : [ 1 , 2 ] , \"b\" : \"c d\" } \n} ",
+	`{"v":1,"packet":"push","type":"/a/b","payload":  "x"  }`,
+	`{"v":1,"packet":"push","type":"/a/b","payload":-1.5e+3}`,
+	`{"v":1,"packet":"push","type":"/a/b","payload":[]}`,
+	`{"v":1,"packet":"push","type":"/a/b","payload":true}`,
+	`{"v":1,"packet":"push","type":"/a/b","payload":nul}`,
+	`{"v":1,"packet":"push","type":"/a/b","payload":{"a":01}}`,
+	// Duplicate keys: the last wins, slices and structs merge.
+	`{"v":1,"packet":"push","type":"/a/b","type":"/c/d"}`,
+	`{"v":1,"packet":"register","identity":"a","services":[{"name":"a","idempotent":true},{"name":"b"}],"services":[{"name":"c"}]}`,
+	`{"v":1,"packet":"result","token":"t","error":{"code":"a","message":"m"},"error":{"code":"b"}}`,
+	`{"v":1,"packet":"register","identity":"a","services":[{"name":"a","name":"b"}]}`,
+	`{"v":1,"packet":"push","type":"/a/b","payload":1,"payload":2}`,
+	// Case-insensitive and escaped keys.
+	`{"V":1,"PACKET":"push","Type":"/a/b"}`,
+	`{"\u0076":1,"packet":"push","type":"/a/b"}`,
+	"{\"v\":1,\"packet\":\"push\",\"type\":\"/a/b\",\"\u017fent_at\":5}",
+	"{\"v\":1,\"packet\":\"push\",\"type\":\"/a/b\",\"\xff\":5}",
+	`{"v":1,"packet":"push","type":"/a/b","extra":{"deep":[1,{"x":null}]},"Extra":2}`,
+	`{"v":1,"packet":"register","identity":"a","services":[{"Name":"a","x":1}]}`,
+	// Strings: escapes, surrogates, invalid UTF-8, control characters.
+	`{"v":1,"packet":"push","type":"/a\"b\\c\/d\b\f\n\r\t\u00e9\u2028\ud83d\ude00"}`,
+	`{"v":1,"packet":"push","type":"\ud800"}`,
+	`{"v":1,"packet":"push","type":"\ud800\u0041"}`,
+	`{"v":1,"packet":"push","type":"\udc00\ud800\udc00"}`,
+	`{"v":1,"packet":"push","type":"\ud800\ud800\udc00x"}`,
+	`{"v":1,"packet":"push","type":"\uD83D\uDE00\uFFFD"}`,
+	`{"v":1,"packet":"push","type":"\x"}`,
+	`{"v":1,"packet":"push","type":"\'"}`,
+	`{"v":1,"packet":"push","type":"\u12"}`,
+	`{"v":1,"packet":"push","type":"\u12g4"}`,
+	"{\"v\":1,\"packet\":\"push\",\"type\":\"a\xffb\xc3\"}",
+	"{\"v\":1,\"packet\":\"push\",\"type\":\"\xed\xa0\x80\"}",
+	"{\"v\":1,\"packet\":\"push\",\"type\":\"é\u2028\x7f\"}",
+	"{\"v\":1,\"packet\":\"push\",\"type\":\"a\nb\"}",
+	"{\"v\":1,\"packet\":\"push\",\"type\":\"a\\\xffb\"}",
+	// null for every kind of field.
+	`{"v":1,"packet":"push","type":"/a/b","from":null,"tags":null,"persistent":null,"deadline":null,"error":null,"results":null,"services":null,"status":null}`,
+	`{"v":null,"packet":null}`,
+	`{"v":1,"packet":"push","type":"/a/b","tags":[null]}`,
+	`{"v":1,"packet":"register","identity":"a","services":[null]}`,
+	`{"v":1,"packet":"result","token":"t","results":[null,{"agent":"a","payload":null,"error":null}]}`,
+	// Empty arrays and objects.
+	`{"v":1,"packet":"push","type":"/a/b","tags":[],"services":[],"results":[],"error":{}}`,
+	`{"v":1,"packet":"result","token":"t","results":[{}],"error":{"x":[]}}`,
+	// Numbers.
+	`{"v":1.0,"packet":"push","type":"/a/b"}`,
+	`{"v":1e0,"packet":"push","type":"/a/b"}`,
+	`{"v":-0,"packet":"push","type":"/a/b"}`,
+	`{"v":01,"packet":"push","type":"/a/b"}`,
+	`{"v":+1,"packet":"push","type":"/a/b"}`,
+	`{"v":1,"packet":"push","type":"/a/b","deadline":9223372036854775807}`,
+	`{"v":1,"packet":"push","type":"/a/b","deadline":9223372036854775808}`,
+	`{"v":1,"packet":"push","type":"/a/b","deadline":-9223372036854775808}`,
+	`{"v":1,"packet":"push","type":"/a/b","deadline":999999999999999999}`,
+	`{"v":1,"packet":"push","type":"/a/b","deadline":1000000000000000000}`,
+	`{"v":1,"packet":"push","type":"/a/b","attempt":99999999999999999999}`,
+	`{"v":1,"packet":"heartbeat","identity":"a","status":1e400}`,
+	`{"v":1,"packet":"heartbeat","identity":"a","status":1e-400}`,
+	`{"v":1,"packet":"heartbeat","identity":"a","status":-0}`,
+	`{"v":1,"packet":"heartbeat","identity":"a","status":0.1e-5}`,
+	`{"v":1,"packet":"heartbeat","identity":"a","status":1.}`,
+	`{"v":1,"packet":"heartbeat","identity":"a","status":.5}`,
+	`{"v":1,"packet":"heartbeat","identity":"a","status":"0.5"}`,
+	`{"v":1,"packet":"heartbeat","identity":"a","status":123456789012345678901234567890}`,
+	// Wrong types.
+	`{"v":"1","packet":"push","type":"/a/b"}`,
+	`{"v":1,"packet":"push","type":7}`,
+	`{"v":1,"packet":"push","type":"/a/b","persistent":"true"}`,
+	`{"v":1,"packet":"push","type":"/a/b","persistent":1}`,
+	`{"v":1,"packet":"push","type":"/a/b","tags":"x"}`,
+	`{"v":1,"packet":"push","type":"/a/b","tags":[1]}`,
+	`{"v":1,"packet":"result","token":"t","error":"x"}`,
+	`{"v":1,"packet":"result","token":"t","results":{}}`,
+	`{"v":1,"packet":"register","identity":"a","services":["x"]}`,
+	`{"v":1,"packet":"register","identity":"a","services":[{"name":1}]}`,
+	// Validation failures return the packet.
+	`{"v":2,"packet":"push","type":"/a/b"}`,
+	`{"v":1,"packet":"zap"}`,
+	`{"v":1,"packet":"request","type":"/a/b","reply_to":"q"}`,
+	`{"v":1,"packet":"advertise"}`,
+	// Deep nesting.
+	`{"v":1,"packet":"push","type":"/a/b","payload":` + strings.Repeat("[", 1500) + strings.Repeat("]", 1500) + `}`,
+	`{"v":1,"packet":"push","type":"/a/b","x":` + strings.Repeat("[", 20000) + strings.Repeat("]", 20000) + `}`,
+	`{"v":1,"packet":"push","type":"/a/b","x":` + strings.Repeat(`{"a":`, 999) + `1` + strings.Repeat("}", 999) + `}`,
+}
+
+func TestCodecDecode(t *testing.T) {
+	for _, in := range append(codecExamples, codecDecodeCases...) {
+		checkDecode(t, []byte(in))
+	}
+}
+
+// TestCodecFastPath checks that real packets do not fall back to
+// encoding/json.
+func TestCodecFastPath(t *testing.T) {
+	for _, in := range codecExamples {
+		var p Packet
+		d := decoder{b: []byte(in)}
+		if !d.packet(&p) {
+			t.Errorf("fell back to encoding/json: %s", in)
+		}
+	}
+	for _, in := range []string{
+		" { \"v\" : 1 , \"packet\" : \"push\" , \"type\" : \"/a/b\" , \"payload\" : { \"a\" : [ 1 , 2 ] } } ",
+		`{"v":1,"packet":"push","type":"/a\"b\u00e9\ud83d\ude00","extra":{"deep":[1,{"x":null}]}}`,
+		"{\"v\":1,\"packet\":\"push\",\"type\":\"a\xffé\"}",
+		`{"v":1,"packet":"push","type":"/a/b","from":null,"tags":[],"error":null,"status":null}`,
+	} {
+		var p Packet
+		d := decoder{b: []byte(in)}
+		if !d.packet(&p) {
+			t.Errorf("fell back to encoding/json: %s", in)
+		}
+	}
+}
+
+func TestCodecEncode(t *testing.T) {
+	for _, in := range codecExamples {
+		var p Packet
+		if err := json.Unmarshal([]byte(in), &p); err != nil {
+			t.Fatal(err)
+		}
+		checkEncode(t, &p)
+	}
+	f := func(v float64) *float64 { return &v }
+	odd := "<a&b>\"\\/\b\f\n\r\t\x00\x01\x1f\x7f é \u2028\u2029 \xff\xc3 \xed\xa0\x80 \U0001F600"
+	for _, p := range []*Packet{
+		{},
+		{Kind: KindPush, Type: odd, From: odd, Token: odd, ReplyTo: odd, Selector: odd, Target: odd,
+			Tags: []string{odd, "", "x"}, TagMatch: odd, Key: odd, Identity: odd, Queue: odd, AgentVer: odd,
+			Error: &ErrorBody{Code: odd, Message: odd}, Services: []ServiceInfo{{Name: odd}, {}, {Idempotent: true}}},
+		{Kind: KindRequest, Version: 7, Tags: []string{}, Services: []ServiceInfo{}, Results: []ResultRecord{},
+			Deadline: -1, Attempt: math.MaxInt, InFlight: math.MinInt, Interval: math.MaxInt64, SentAtUnix: math.MinInt64},
+		{Kind: KindResult, Payload: json.RawMessage{}},
+		{Kind: KindResult, Payload: json.RawMessage(" { \"a\" : \"<>\" } ")},
+		{Kind: KindResult, Payload: json.RawMessage(`{"a":`)},
+		{Kind: KindResult, Payload: json.RawMessage(`nul`)},
+		{Kind: KindResult, Error: &ErrorBody{}},
+		{Kind: KindResult, Results: []ResultRecord{{}, {Agent: "a", Payload: json.RawMessage{}}, {Error: &ErrorBody{}}}},
+		{Kind: KindResult, Results: []ResultRecord{{Agent: "a", Payload: json.RawMessage(
+			" { \"a\" : [ 1 , \"<x>&\u2028\u2029\\\" \t\\u003c\" ] , \"b\" : null }\n")}}},
+		{Kind: KindResult, Results: []ResultRecord{{Agent: "a", Payload: json.RawMessage("\"\xff\xe2\x80\"")}}},
+		{Kind: KindResult, Results: []ResultRecord{{Agent: "a", Payload: json.RawMessage(`{"a":}`)}}},
+		{Kind: KindResult, Results: []ResultRecord{{Agent: "a", Payload: json.RawMessage(`1 2`)}}},
+		{Kind: KindResult, Results: []ResultRecord{{Agent: "a", Payload: json.RawMessage(
+			strings.Repeat("[", 1500) + strings.Repeat("]", 1500))}}},
+		{Kind: KindResult, Results: []ResultRecord{{Agent: "a", Payload: json.RawMessage(
+			strings.Repeat("[", 10001) + strings.Repeat("]", 10001))}}},
+		{Kind: KindHeartbeat, Status: f(0)},
+		{Kind: KindHeartbeat, Status: f(math.Copysign(0, -1))},
+		{Kind: KindHeartbeat, Status: f(1e-7)},
+		{Kind: KindHeartbeat, Status: f(1e-6)},
+		{Kind: KindHeartbeat, Status: f(-1e-7)},
+		{Kind: KindHeartbeat, Status: f(1e20)},
+		{Kind: KindHeartbeat, Status: f(1e21)},
+		{Kind: KindHeartbeat, Status: f(123456789.125)},
+		{Kind: KindHeartbeat, Status: f(math.MaxFloat64)},
+		{Kind: KindHeartbeat, Status: f(math.SmallestNonzeroFloat64)},
+		{Kind: KindHeartbeat, Status: f(math.NaN())},
+		{Kind: KindHeartbeat, Status: f(math.Inf(1))},
+		{Kind: KindHeartbeat, Status: f(math.Inf(-1))},
+	} {
+		checkEncode(t, p)
+	}
+}
+
+func TestCodecValid(t *testing.T) {
+	for _, in := range []string{``, ` `, `1`, ` 1 `, `-`, `-0`, `-01`, `1.`, `1.5e`, `1.5e+`, `1.5E-7`, `"`, `"\`, `"\u"`,
+		`"\u00zz"`, `"a"b`, `tru`, `true`, `truex`, `nul`, `null`, `[1,]`, `[,1]`, `[1 2]`, `{"a"}`, `{"a":}`, `{"a":1,}`,
+		`{1:1}`, `{"a":1}}`, "\"\x00\"", "\"\x7f\xff\"", strings.Repeat("[", 10000) + strings.Repeat("]", 10000),
+		strings.Repeat("[", 10001) + strings.Repeat("]", 10001), strings.Repeat("[", 5000) + "x"} {
+		if got, want := validJSON([]byte(in)), json.Valid([]byte(in)); got != want {
+			t.Errorf("validJSON(%.40q) = %v, json.Valid: %v", in, got, want)
+		}
+	}
+}
+
+// TestCodecPacketFields fails when a member is added to Packet or one of
+// its nested types: appendPacket and decoder.packet must learn it first.
+func TestCodecPacketFields(t *testing.T) {
+	want := map[reflect.Type]string{
+		reflect.TypeFor[Packet](): "v packet type,omitempty payload,omitempty from,omitempty token,omitempty " +
+			"reply_to,omitempty selector,omitempty target,omitempty tags,omitempty tag_match,omitempty " +
+			"persistent,omitempty offline_failsafe,omitempty deadline,omitempty attempt,omitempty key,omitempty " +
+			"error,omitempty results,omitempty identity,omitempty queue,omitempty services,omitempty " +
+			"status,omitempty in_flight,omitempty heartbeat_ms,omitempty agent_version,omitempty sent_at,omitempty " +
+			// secure mode: handed to encoding/json by both directions
+			"to,omitempty sealed,omitempty origin,omitempty",
+		reflect.TypeFor[ServiceInfo]():  "name idempotent,omitempty",
+		reflect.TypeFor[ErrorBody]():    "code message",
+		reflect.TypeFor[ResultRecord](): "agent payload,omitempty error,omitempty",
+	}
+	for typ, tags := range want {
+		var got []string
+		for f := range typ.Fields() {
+			got = append(got, f.Tag.Get("json"))
+		}
+		if strings.Join(got, " ") != tags {
+			t.Errorf("%v has JSON members %q; codec.go handles %q", typ, got, tags)
+		}
+	}
+}
+
+// FuzzCodecDecode compares DecodePacket with encoding/json on arbitrary
+// input, validJSON with json.Valid, and the encoding of a result record
+// with the input as payload.
+func FuzzCodecDecode(f *testing.F) {
+	for _, in := range codecExamples {
+		f.Add([]byte(in))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		checkDecode(t, b)
+		if p, err := refDecodePacket(b, 0); p != nil {
+			checkEncode(t, p)
+		} else if err == nil {
+			t.Fatal("no packet and no error")
+		}
+		checkEncode(t, &Packet{Kind: KindResult, Results: []ResultRecord{{Agent: "a", Payload: b}}})
+	})
+}
+
+// FuzzCodecEncode compares the encoding of packets built from arbitrary
+// values with encoding/json's, and decodes them back.
+func FuzzCodecEncode(f *testing.F) {
+	f.Add("request", "/a/b", "mapper-1", "tok", "reply", "least_loaded", "a,b", []byte(`{"x":1}`), int64(1795704214459), 0, false, true, 0.5, false, "", "", []byte(nil), "/x/y")
+	f.Add("result", "", "agent<&>", "t\u2028", "", "", "", []byte(`"v"`), int64(0), 3, true, false, 1e21, true, "code", "msg\xff", []byte(` [ 1 , "<" ] `), "")
+	f.Add("register", "", "a", "", "", "", "", []byte(nil), int64(-5), -1, false, true, 1e-7, true, "", "", []byte(nil), "/a/b,/c/d")
+	f.Fuzz(func(t *testing.T, kind, typ, from, token, replyTo, selector, tags string, payload []byte, deadline int64,
+		attempt int, persistent, hasStatus bool, status float64, hasError bool, code, message string, result []byte, services string) {
+		p := &Packet{Kind: Kind(kind), Type: typ, From: from, Token: token, ReplyTo: replyTo, Selector: selector,
+			Target: typ, TagMatch: selector, Persistent: persistent, Failsafe: hasError, Deadline: deadline,
+			Attempt: attempt, Key: message, Identity: from, Queue: replyTo, InFlight: -attempt,
+			Interval: -deadline, AgentVer: code, SentAtUnix: deadline / 3}
+		if payload != nil {
+			p.Payload = payload
+		}
+		if tags != "" {
+			p.Tags = strings.Split(tags, ",")
+		}
+		if hasStatus {
+			p.Status = &status
+		}
+		if hasError {
+			p.Error = &ErrorBody{Code: code, Message: message}
+		}
+		if result != nil {
+			p.Results = []ResultRecord{{Agent: from, Payload: result}, {Agent: code, Error: p.Error}}
+		}
+		if services != "" {
+			for i, s := range strings.Split(services, ",") {
+				p.Services = append(p.Services, ServiceInfo{Name: s, Idempotent: i%2 == 0})
+			}
+		}
+		checkEncode(t, p)
+	})
+}
+
+// Benchmarks: the codec (fast) against encoding/json (ref) for a request
+// and its result with 100 B and 10 KiB payloads.
+
+func benchCodecPackets(size int) (req, res *Packet) {
+	raw := make([]byte, size)
+	for i := range raw {
+		raw[i] = 'a'
+	}
+	raw[0], raw[size-1] = '"', '"'
+	req = &Packet{Kind: KindRequest, Type: "/bench/echo", Payload: raw, From: "mapper-5f0c9a1e2b3d",
+		Token: "96136167171f972c283bf427edf0189a", ReplyTo: ReplyQueue("mapper-5f0c9a1e2b3d"),
+		Selector: SelectLeastLoaded, TagMatch: MatchAll, Deadline: 1795704214459}
+	res = &Packet{Kind: KindResult, Token: req.Token, From: "agent-5f0c9a1e2b3d", Payload: raw}
+	return req, res
+}
+
+func BenchmarkCodecEncode(b *testing.B) {
+	for _, size := range []int{100, 10 * 1024} {
+		req, _ := benchCodecPackets(size)
+		for _, impl := range []struct {
+			name string
+			enc  func(*Packet) ([]byte, error)
+		}{{"fast", (*Packet).Encode}, {"ref", refEncode}} {
+			b.Run(fmt.Sprintf("payload=%d/%s", size, impl.name), func(b *testing.B) {
+				b.ReportAllocs()
+				b.SetBytes(int64(size))
+				for b.Loop() {
+					if _, err := impl.enc(req); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+	}
+}
+
+func BenchmarkCodecDecode(b *testing.B) {
+	for _, size := range []int{100, 10 * 1024} {
+		req, _ := benchCodecPackets(size)
+		body, err := req.Encode()
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, impl := range []struct {
+			name string
+			dec  func([]byte, int) (*Packet, error)
+		}{{"fast", DecodePacket}, {"ref", refDecodePacket}} {
+			b.Run(fmt.Sprintf("payload=%d/%s", size, impl.name), func(b *testing.B) {
+				b.ReportAllocs()
+				b.SetBytes(int64(len(body)))
+				for b.Loop() {
+					if _, err := impl.dec(body, DefaultMaxPayload); err != nil {
+						b.Fatal(err)
+					}
+				}
+			})
+		}
+	}
+}
+
+func BenchmarkCodecHeartbeat(b *testing.B) {
+	st := 0.25
+	p := &Packet{Kind: KindHeartbeat, Identity: "agent-5f0c9a1e2b3d", From: "agent-5f0c9a1e2b3d", Status: &st,
+		InFlight: 2, SentAtUnix: 1795704212820}
+	body, err := p.Encode()
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("encode/fast", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			_, _ = p.encodeTrusted()
+		}
+	})
+	b.Run("encode/ref", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			_, _ = refEncodeTrusted(p)
+		}
+	})
+	b.Run("decode/fast", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			_, _ = DecodePacket(body, 0)
+		}
+	})
+	b.Run("decode/ref", func(b *testing.B) {
+		b.ReportAllocs()
+		for b.Loop() {
+			_, _ = refDecodePacket(body, 0)
+		}
+	})
+}
