@@ -90,24 +90,82 @@ type consumerSpec struct {
 }
 
 // topology declares exchanges, queues and bindings on a fresh connection.
-type topology struct{ ch *amqp.Channel }
+type topology struct{ st *topoState }
+
+type topoState struct {
+	ch   *amqp.Channel
+	conn *amqp.Connection
+}
+
+func newTopology(conn *amqp.Connection, ch *amqp.Channel) topology {
+	return topology{&topoState{ch: ch, conn: conn}}
+}
+
+// SharedExchange declares an exchange every participant uses. When the
+// broker refuses to let this user declare it (a provisioned vhost whose
+// topology is locked, docs/provisioning.md), it checks passively that the
+// exchange exists instead.
+func (t topology) SharedExchange(name, kind string) error {
+	err := t.Exchange(name, kind)
+	if !isAccessRefused(err) {
+		return err
+	}
+	if err := t.reopen(); err != nil {
+		return err
+	}
+	if err := t.st.ch.ExchangeDeclarePassive(name, kind, true, false, false, false, nil); err != nil {
+		return fmt.Errorf("nanite: exchange %s (passive, this user may not declare it): %w", name, err)
+	}
+	return nil
+}
+
+// SharedQueue is SharedExchange for the shared queues.
+func (t topology) SharedQueue(q queueSpec) error {
+	err := t.Queue(q)
+	if !isAccessRefused(err) {
+		return err
+	}
+	if err := t.reopen(); err != nil {
+		return err
+	}
+	if _, err := t.st.ch.QueueDeclarePassive(q.Name, q.Durable, q.AutoDelete, q.Exclusive, false, amqp.Table(q.Args)); err != nil {
+		return fmt.Errorf("nanite: queue %s (passive, this user may not declare it): %w", q.Name, err)
+	}
+	return nil
+}
+
+// reopen replaces the channel that a refusal closed.
+func (t topology) reopen() error {
+	ch, err := t.st.conn.Channel()
+	if err != nil {
+		return fmt.Errorf("nanite: open channel: %w", err)
+	}
+	_ = t.st.ch.Close()
+	t.st.ch = ch
+	return nil
+}
+
+func isAccessRefused(err error) bool {
+	var aerr *amqp.Error
+	return errors.As(err, &aerr) && aerr.Code == amqp.AccessRefused
+}
 
 func (t topology) Exchange(name, kind string) error {
-	if err := t.ch.ExchangeDeclare(name, kind, true, false, false, false, nil); err != nil {
+	if err := t.st.ch.ExchangeDeclare(name, kind, true, false, false, false, nil); err != nil {
 		return fmt.Errorf("nanite: declare exchange %s: %w", name, err)
 	}
 	return nil
 }
 
 func (t topology) Queue(q queueSpec) error {
-	if _, err := t.ch.QueueDeclare(q.Name, q.Durable, q.AutoDelete, q.Exclusive, false, amqp.Table(q.Args)); err != nil {
+	if _, err := t.st.ch.QueueDeclare(q.Name, q.Durable, q.AutoDelete, q.Exclusive, false, amqp.Table(q.Args)); err != nil {
 		return fmt.Errorf("nanite: declare queue %s: %w", q.Name, err)
 	}
 	return nil
 }
 
 func (t topology) Bind(queue, exchange, key string, args map[string]any) error {
-	if err := t.ch.QueueBind(queue, key, exchange, false, amqp.Table(args)); err != nil {
+	if err := t.st.ch.QueueBind(queue, key, exchange, false, amqp.Table(args)); err != nil {
 		return fmt.Errorf("nanite: bind %s to %s: %w", queue, exchange, err)
 	}
 	return nil
@@ -115,7 +173,7 @@ func (t topology) Bind(queue, exchange, key string, args map[string]any) error {
 
 // Delete removes a queue (used when an agent leaves for good).
 func (t topology) Delete(queue string) error {
-	if _, err := t.ch.QueueDelete(queue, false, false, false); err != nil {
+	if _, err := t.st.ch.QueueDelete(queue, false, false, false); err != nil {
 		return fmt.Errorf("nanite: delete queue %s: %w", queue, err)
 	}
 	return nil
@@ -292,9 +350,11 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 		return fail(fmt.Errorf("nanite: open channel: %w", err))
 	}
 	if l.cfg.Setup != nil {
-		if err := l.cfg.Setup(topology{sch}); err != nil {
+		t := newTopology(conn, sch)
+		if err := l.cfg.Setup(t); err != nil {
 			return fail(err)
 		}
+		sch = t.st.ch
 	}
 	_ = sch.Close()
 
@@ -573,5 +633,5 @@ func (l *link) declare(ctx context.Context, f func(topology) error) error {
 		return fmt.Errorf("nanite: open channel: %w", err)
 	}
 	defer ch.Close()
-	return f(topology{ch})
+	return f(newTopology(conn, ch))
 }

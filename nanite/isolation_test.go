@@ -512,6 +512,16 @@ func TestIsolationLockedTopology(t *testing.T) {
 	isoAllowed(t, a1, "bind own queue to nanite.advertise", bind(nanite.AgentQueue("a-1"), nanite.ExchangeAdvertise))
 	isoAllowed(t, a1, "consume own queue", consume(nanite.AgentQueue("a-1")))
 	isoAllowed(t, a1, "publish register", publish(nanite.ExchangeRegistration, ""))
+
+	// Real participants check the shared topology passively when they may
+	// not declare it, and work.
+	isoEchoAgent(t, users["agent a-1"].URL, "a-1")
+	isoMapper(t, nanite.MapperConfig{URL: users["mapper"].URL, ServeAgentRequests: true})
+	m := isoMapper(t, nanite.MapperConfig{URL: users["bridge"].URL})
+	isoWaitAgents(t, m, 1)
+	if _, err := m.Request(t.Context(), "/echo/say", "hi", nanite.WithTimeout(10*time.Second)); err != nil {
+		t.Fatalf("locked topology round trip: %v", err)
+	}
 }
 
 // Example output of a refusal, for the record: RabbitMQ names the user,

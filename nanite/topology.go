@@ -69,12 +69,12 @@ func declareCommon(t topology) error {
 		{ExchangeAdvertise, "fanout"},
 		{ExchangeDead, "headers"},
 	} {
-		if err := t.Exchange(e.name, e.kind); err != nil {
+		if err := t.SharedExchange(e.name, e.kind); err != nil {
 			return err
 		}
 	}
 	for _, q := range []string{QueueMapperRequests, QueueOffline} {
-		if err := t.Queue(sharedQueueSpec(q)); err != nil {
+		if err := t.SharedQueue(sharedQueueSpec(q)); err != nil {
 			return err
 		}
 	}
