@@ -67,10 +67,11 @@ const advertiseTTL = 10 * time.Second
 // requester (NewMapper + Run in a goroutine + Request), or run it as a daemon
 // with ServeAgentRequests and ServeFailsafe.
 type Mapper struct {
-	cfg  MapperConfig
-	id   string
-	log  *slog.Logger
-	link *link
+	cfg      MapperConfig
+	id       string
+	instance string // id plus a per-process suffix: names the mapper's queues
+	log      *slog.Logger
+	link     *link
 
 	mu       sync.Mutex
 	reg      *registry
@@ -147,6 +148,7 @@ func NewMapper(cfg MapperConfig) (*Mapper, error) {
 	m := &Mapper{
 		cfg:      cfg,
 		id:       id,
+		instance: id + "." + NewIdentity("i")[2:],
 		log:      cfg.Logger.With("mapper", id),
 		reg:      newRegistry(cfg.InflightWeight),
 		out:      map[string]*mcall{},
@@ -166,7 +168,10 @@ func (m *Mapper) Identity() string { return m.id }
 // connection error).
 func (m *Mapper) Ready(ctx context.Context) error { return m.link.awaitUp(ctx) }
 
-func (m *Mapper) stateQueue(kind string) string { return "nanite.mapper." + m.id + "." + kind }
+// Queue names use the instance name (identity plus a per-process suffix),
+// so that several processes can share one identity, as requesters sharing
+// one client certificate do.
+func (m *Mapper) stateQueue(kind string) string { return "nanite.mapper." + m.instance + "." + kind }
 
 // Run connects and keeps the cluster state until ctx ends. It returns an
 // error only when the broker refuses the mapper outright.
@@ -205,7 +210,7 @@ func (m *Mapper) newMapperLink() *link {
 	consumers := []consumerSpec{
 		{Queue: m.stateQueue("registration"), AutoAck: true, Handle: m.handleState},
 		{Queue: m.stateQueue("heartbeat"), AutoAck: true, Handle: m.handleState},
-		{Queue: ReplyQueue(m.id), AutoAck: true, Handle: m.handleReply},
+		{Queue: ReplyQueue(m.instance), AutoAck: true, Handle: m.handleReply},
 	}
 	if m.cfg.ServeAgentRequests {
 		consumers = append(consumers, consumerSpec{Queue: QueueMapperRequests, Prefetch: m.cfg.RelayConcurrency, Handle: m.handleRelay})
@@ -233,7 +238,7 @@ func (m *Mapper) newMapperLink() *link {
 					return err
 				}
 			}
-			return declareReplyQueue(t, m.id)
+			return declareReplyQueue(t, m.instance)
 		},
 		Consumers: consumers,
 		OnReturn:  m.handleReturn,
@@ -376,7 +381,11 @@ func (m *Mapper) handleState(d *delivery) {
 		m.stats.badPackets.Add(1)
 		reason := rejectReason(err)
 		m.rejects.add(reason)
-		m.log.Warn("rejected state packet", "reason", reason, "err", err)
+		level := slog.LevelWarn
+		if errors.Is(err, security.ErrUnknownSigner) {
+			level = slog.LevelDebug // expected before an agent's registration; handled below
+		}
+		m.log.Log(context.Background(), level, "rejected state packet", "reason", reason, "err", err)
 		if errors.Is(err, security.ErrUnknownSigner) {
 			// A heartbeat without its certificate from an agent this
 			// mapper has not seen register: ask it to register again.
@@ -561,7 +570,7 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 		Selector: o.selector, Target: o.target, Tags: o.tags, TagMatch: o.tagMatch,
 		Persistent: o.persistent, Deadline: unixMilli(deadline), Origin: origin}
 	if kind == KindRequest {
-		pkt.ReplyTo = ReplyQueue(m.id)
+		pkt.ReplyTo = ReplyQueue(m.instance)
 		m.stats.requests.Add(1)
 	} else {
 		m.stats.pushes.Add(1)

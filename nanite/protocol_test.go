@@ -16,6 +16,7 @@ import (
 	"reflect"
 	"slices"
 	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -448,7 +449,12 @@ func TestProtocolRawAgent(t *testing.T) {
 		d := raw.lastRequest()
 		p := rawPacket(t, d.Body)
 		t.Logf("wire request: %s", d.Body)
-		replyTo := "nanite.reply." + m.Identity()
+		// The reply queue is named after the mapper's instance: its
+		// identity, a dot and a per-process suffix.
+		replyTo, _ := p["reply_to"].(string)
+		if !strings.HasPrefix(replyTo, "nanite.reply."+m.Identity()+".") {
+			t.Errorf("reply_to %q is not the mapper instance's reply queue", replyTo)
+		}
 		if p["packet"] != "request" || p["type"] != "/raw/echo" || p["from"] != m.Identity() ||
 			p["reply_to"] != replyTo || p["selector"] != "least_loaded" || p["token"] != resp.Token {
 			t.Errorf("request packet = %v", p)

@@ -56,6 +56,7 @@ type AgentOptions struct {
 	ActorsFile    string
 	NoExamples    bool
 	ShutdownGrace time.Duration
+	PolicyWatch   time.Duration // secure mode: how often to check --policy for changes
 }
 
 // NewCmdAgent returns "nanite agent". runF replaces the run function in
@@ -74,20 +75,27 @@ Without --identity the identity is kept in --data-dir (so that the agent
 finds its durable queue again after a restart), or is fresh on each start.
 Flags left out fall back to the config file's "agent" section.
 
+In secure mode (--cert, --key and --ca with an agent certificate, see
+"nanite --help") the identity is the certificate's name, every packet is
+signed and verified, and --policy decides which callers may call which
+services; the policy is reloaded on SIGHUP and when its file changes
+(checked every --policy-watch), --revoked on SIGHUP.
+
 ` + examplesHelp + `
 
 ` + externalHelp,
 		Example: `  nanite agent --tags web,eu
   nanite agent --identity web-1 --data-dir /var/lib/nanite --actors /etc/nanite/actors.yaml --no-examples
-  NANITE_URL=amqp://app:secret@rabbit:5672/app nanite agent --tags db --tags us`,
+  NANITE_URL=amqp://app:secret@rabbit:5672/app nanite agent --tags db --tags us
+  nanite agent --cert web-1.crt --key web-1.key --ca ca.crt --policy policy.yaml`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			opts.Given = cmd.Flags().Changed
 			if opts.Identity != "" && !nanite.ValidIdentity(opts.Identity) {
 				return usageErrorf("invalid --identity %q: 1 to 128 letters, digits, '.', '_', ':' or '-'", opts.Identity)
 			}
-			if opts.Prefetch < 0 || opts.Heartbeat < 0 || opts.ShutdownGrace < 0 {
-				return usageErrorf("--prefetch, --heartbeat and --shutdown-grace must not be negative")
+			if opts.Prefetch < 0 || opts.Heartbeat < 0 || opts.ShutdownGrace < 0 || opts.PolicyWatch < 0 {
+				return usageErrorf("--prefetch, --heartbeat, --shutdown-grace and --policy-watch must not be negative")
 			}
 			if runF != nil {
 				return runF(cmd.Context(), opts)
@@ -104,6 +112,7 @@ Flags left out fall back to the config file's "agent" section.
 	fl.StringVar(&opts.ActorsFile, "actors", "", "file of external actors (YAML or JSON, see above)")
 	fl.BoolVar(&opts.NoExamples, "no-examples", false, `do not serve the example actor "echo"`)
 	fl.DurationVar(&opts.ShutdownGrace, "shutdown-grace", nanite.DefaultShutdownGrace, "how long running requests may finish on shutdown")
+	fl.DurationVar(&opts.PolicyWatch, "policy-watch", defaultPolicyWatch, "secure mode: how often to check the --policy file for changes (0: only on SIGHUP)")
 	return cmd
 }
 
@@ -117,7 +126,8 @@ type agentSpec struct {
 	ActorsFile    string
 	Examples      bool
 	ShutdownGrace time.Duration
-	TLS           *tls.Config // for amqps:// URLs
+	TLS           *tls.Config    // for amqps:// URLs
+	Secure        *nanite.Secure // secure mode (see secure.go); nil: plain
 }
 
 // resolve applies flags > config file > defaults to the agent's settings.
@@ -166,6 +176,16 @@ func agentRun(ctx context.Context, opts *AgentOptions) error {
 	log := s.newLogger(opts.IO.ErrOut, slog.LevelInfo)
 	spec := opts.resolve(s.File.Agent)
 	spec.TLS = s.TLS.Config
+	sec, err := s.Secure.load(secureForAgent, log)
+	if err != nil {
+		return err
+	}
+	if sec != nil {
+		if spec.Identity, err = sec.identity(spec.Identity); err != nil {
+			return err
+		}
+		spec.Secure = sec.Secure
+	}
 	if err := checkTLS(ctx, s.URL, spec.TLS); err != nil {
 		return err
 	}
@@ -174,6 +194,13 @@ func agentRun(ctx context.Context, opts *AgentOptions) error {
 		return err
 	}
 	log.Info("agent starting", "agent", a.Identity(), "url", redactURL(s.URL), "services", len(a.Services()), "tags", spec.Tags)
+	if sec != nil {
+		sec.logStart(log)
+		if sec.policy == nil {
+			log.Warn("secure mode without --policy: every caller with a valid certificate may call every service")
+		}
+		defer sec.startReloads(ctx, opts.PolicyWatch, log)()
+	}
 	if err := a.Run(ctx); err != nil {
 		return &connectionError{URL: s.URL, Err: err}
 	}
@@ -193,6 +220,7 @@ func buildAgent(spec agentSpec, url string, log *slog.Logger) (*nanite.Agent, er
 		HeartbeatInterval: spec.Heartbeat,
 		Prefetch:          spec.Prefetch,
 		ShutdownGrace:     spec.ShutdownGrace,
+		Secure:            spec.Secure,
 		Logger:            log,
 	})
 	if err != nil {

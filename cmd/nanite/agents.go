@@ -76,7 +76,11 @@ func agentsRun(ctx context.Context, opts *AgentsOptions) error {
 		return err
 	}
 	log := s.newLogger(opts.IO.ErrOut, slog.LevelWarn)
-	c, err := openCluster(ctx, s.URL, s.TLS.Config, log)
+	sec, err := s.Secure.load(secureForClient, log)
+	if err != nil {
+		return err
+	}
+	c, err := openSecureCluster(ctx, s.URL, s.TLS.Config, sec.nanite(), log)
 	if err != nil {
 		return err
 	}

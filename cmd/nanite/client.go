@@ -55,6 +55,7 @@ func checkBroker(ctx context.Context, raw string, tlsConfig *tls.Config) error {
 type cluster struct {
 	m      *nanite.Mapper
 	url    string
+	secure bool
 	cancel context.CancelFunc
 	done   chan struct{}
 	err    error // Run's result, readable once done is closed
@@ -65,15 +66,25 @@ type cluster struct {
 // openCluster checks that the broker is reachable and starts an embedded
 // mapper on it. Close it when done.
 func openCluster(ctx context.Context, rawURL string, tlsConfig *tls.Config, log *slog.Logger) (*cluster, error) {
+	return openSecureCluster(ctx, rawURL, tlsConfig, nil, log)
+}
+
+// openSecureCluster is openCluster in secure mode when sec is not nil: the
+// embedded mapper runs under the name of sec's certificate (see secure.go).
+func openSecureCluster(ctx context.Context, rawURL string, tlsConfig *tls.Config, sec *nanite.Secure, log *slog.Logger) (*cluster, error) {
 	if err := checkBroker(ctx, rawURL, tlsConfig); err != nil {
 		return nil, err
 	}
-	m, err := nanite.NewMapper(nanite.MapperConfig{URL: rawURL, TLS: tlsConfig, Logger: log})
+	cfg := nanite.MapperConfig{URL: rawURL, TLS: tlsConfig, Logger: log}
+	if sec != nil {
+		cfg.Identity, cfg.Secure = sec.Identity.Name, sec
+	}
+	m, err := nanite.NewMapper(cfg)
 	if err != nil {
 		return nil, err
 	}
 	rctx, cancel := context.WithCancel(ctx)
-	c := &cluster{m: m, url: rawURL, cancel: cancel, done: make(chan struct{}), started: time.Now()}
+	c := &cluster{m: m, url: rawURL, secure: sec != nil, cancel: cancel, done: make(chan struct{}), started: time.Now()}
 	go func() {
 		defer close(c.done)
 		c.err = m.Run(rctx)
@@ -121,6 +132,14 @@ func (c *cluster) explain(ctx context.Context, err error) error {
 	}
 	if ferr := c.failed(); ferr != nil && !errors.Is(ferr, nanite.ErrClosed) {
 		return ferr
+	}
+	if errors.Is(err, nanite.ErrNoAgent) && len(c.m.Agents()) == 0 {
+		// Nothing registered at all: say what was refused. (With agents
+		// registered, refusals are routine: heartbeats without their
+		// certificate from agents that had not registered yet.)
+		if hint := rejectHint(c.m.Stats(), c.secure); hint != "" {
+			err = fmt.Errorf("%w; %s", err, hint)
+		}
 	}
 	return err
 }

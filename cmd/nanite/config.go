@@ -55,11 +55,12 @@ const configHelp = `Configuration:
 
 // FileConfig is the config file.
 type FileConfig struct {
-	URL       string          `json:"url"`
-	LogLevel  string          `json:"log_level"`
-	LogFormat string          `json:"log_format"`
-	Agent     AgentFileConfig `json:"agent"`
-	TLS       TLSFileConfig   `json:"tls"` // see tls.go
+	URL       string           `json:"url"`
+	LogLevel  string           `json:"log_level"`
+	LogFormat string           `json:"log_format"`
+	Agent     AgentFileConfig  `json:"agent"`
+	TLS       TLSFileConfig    `json:"tls"`    // see tls.go
+	Secure    SecureFileConfig `json:"secure"` // see secure.go
 }
 
 // AgentFileConfig is the agent section of the config file: defaults for
@@ -82,6 +83,7 @@ type Settings struct {
 	ConfigFile string     // the config file read, "" when none
 	File       FileConfig // its contents, paths made absolute
 	TLS        TLSSettings
+	Secure     SecureSettings // see secure.go
 }
 
 // settingsInput is everything the global settings are resolved from.
@@ -139,6 +141,9 @@ func resolveSettings(in settingsInput) (*Settings, error) {
 		return nil, err
 	}
 	s.TLS = tlsSettings
+	if s.Secure, err = resolveSecure(in, s.File.Secure); err != nil {
+		return nil, err
+	}
 	s.LogLevel = firstNonEmpty(in.Flags["log-level"], env(envLogLevel), s.File.LogLevel)
 	s.LogFormat = firstNonEmpty(in.Flags["log-format"], env(envLogFormat), s.File.LogFormat, "text")
 	if s.LogLevel != "" {
@@ -203,6 +208,7 @@ func parseFileConfig(data []byte, dir string) (FileConfig, error) {
 	fc.Agent.DataDir = abs(fc.Agent.DataDir)
 	fc.Agent.Actors = abs(fc.Agent.Actors)
 	fc.TLS.CA, fc.TLS.Cert, fc.TLS.Key = abs(fc.TLS.CA), abs(fc.TLS.Cert), abs(fc.TLS.Key)
+	fc.Secure = fc.Secure.absPaths(abs)
 	return fc, nil
 }
 

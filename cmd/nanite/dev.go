@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"path/filepath"
 	"strings"
 	"sync"
 	"time"
@@ -12,6 +13,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/nanite-go/nanite/nanite"
+	"github.com/nanite-go/nanite/security"
 	"github.com/nanite-go/nanite/testenv"
 )
 
@@ -22,6 +24,7 @@ type DevOptions struct {
 
 	Agents     int
 	ActorsFile string
+	Secure     bool
 }
 
 // NewCmdDev returns "nanite dev". runF replaces the run function in tests.
@@ -40,9 +43,16 @@ everything and removes the node's directory.
 The global --url is ignored: the cluster has its own broker. Logs of the
 cluster go to stderr (warn and above unless --log-level says otherwise).
 
+With --secure the cluster runs in secure mode (signed packets) with a
+throwaway CA, certificates for the mapper and agents and a client
+certificate, all in a temporary directory; it prints the NANITE_CERT,
+NANITE_KEY and NANITE_CA to use. The agents enforce --policy if given
+(reloaded on change and on SIGHUP); without it they allow every caller.
+
 ` + examplesHelp,
 		Example: `  nanite dev
-  nanite dev --agents 5 --actors ./actors.yaml --log-level info`,
+  nanite dev --agents 5 --actors ./actors.yaml --log-level info
+  nanite dev --secure --policy policy.yaml`,
 		Args: args(cobra.NoArgs),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if opts.Agents < 1 || opts.Agents > 50 {
@@ -57,6 +67,7 @@ cluster go to stderr (warn and above unless --log-level says otherwise).
 	fl := cmd.Flags()
 	fl.IntVarP(&opts.Agents, "agents", "n", 3, "number of agents")
 	fl.StringVar(&opts.ActorsFile, "actors", "", "file of external actors every agent serves too (see nanite agent --help)")
+	fl.BoolVar(&opts.Secure, "secure", false, "secure mode with a throwaway CA (see above)")
 	return cmd
 }
 
@@ -95,19 +106,35 @@ func devRun(ctx context.Context, opts *DevOptions) error {
 
 	// Build everything first, so that a bad --actors file fails before
 	// anything runs.
+	var pki *devPKI // nil: plain mode
+	if opts.Secure {
+		if pki, err = newDevPKI(ctx, s.Secure.Policy, log); err != nil {
+			return err
+		}
+		defer pki.Close()
+	}
+	msec, err := pki.participant("dev-mapper", security.RoleMapper)
+	if err != nil {
+		return err
+	}
 	m, err := nanite.NewMapper(nanite.MapperConfig{URL: url, Identity: "dev-mapper",
-		ServeAgentRequests: true, ServeFailsafe: true, Logger: log})
+		ServeAgentRequests: true, ServeFailsafe: true, Secure: msec, Logger: log})
 	if err != nil {
 		return err
 	}
 	var agents []*nanite.Agent
 	for i := range opts.Agents {
+		asec, err := pki.participant(fmt.Sprintf("dev-agent-%d", i+1), security.RoleAgent)
+		if err != nil {
+			return err
+		}
 		a, err := buildAgent(agentSpec{
 			Identity:      fmt.Sprintf("dev-agent-%d", i+1),
 			Tags:          devTags(i),
 			Examples:      true,
 			ActorsFile:    opts.ActorsFile,
 			ShutdownGrace: 2 * time.Second,
+			Secure:        asec,
 		}, url, log)
 		if err != nil {
 			return err
@@ -159,8 +186,19 @@ func devRun(ctx context.Context, opts *DevOptions) error {
 	for i, a := range agents {
 		fmt.Fprintf(&b, "  agent       %s (tags %s)\n", a.Identity(), strings.Join(devTags(i), ","))
 	}
+	if pki != nil {
+		fmt.Fprintf(&b, "  secure      signed packets; CA and certificates in %s (removed on exit)\n", filepath.Dir(pki.CACert))
+		if p := s.Secure.Policy; p != "" {
+			fmt.Fprintf(&b, "  policy      %s (reloaded on change)\n", p)
+		} else {
+			fmt.Fprintf(&b, "  policy      none: every caller with a certificate of the CA is allowed (see --policy)\n")
+		}
+	}
 	fmt.Fprintf(&b, "\nTry, in another terminal:\n\n")
 	fmt.Fprintf(&b, "  export NANITE_URL='%s'\n", url)
+	if pki != nil {
+		fmt.Fprintf(&b, "  export NANITE_CERT='%s' NANITE_KEY='%s' NANITE_CA='%s'\n", pki.ClientCert, pki.ClientKey, pki.CACert)
+	}
 	for _, c := range []string{
 		"nanite agents --services",
 		`nanite request /echo/say '"hi"'`,
@@ -172,7 +210,12 @@ func devRun(ctx context.Context, opts *DevOptions) error {
 	} {
 		fmt.Fprintf(&b, "  %s\n", c)
 	}
-	fmt.Fprintf(&b, "\nOr without the variable: nanite request --url '%s' /echo/say '\"hi\"'\n", url)
+	if pki == nil {
+		fmt.Fprintf(&b, "\nOr without the variable: nanite request --url '%s' /echo/say '\"hi\"'\n", url)
+	} else {
+		fmt.Fprintf(&b, "\nOr without the variables: nanite request --url '%s' --cert '%s' --key '%s' --ca '%s' --seal /echo/say '\"hi\"'\n",
+			url, pki.ClientCert, pki.ClientKey, pki.CACert)
+	}
 	fmt.Fprintf(&b, "\nPress Ctrl-C to stop.\n")
 	fmt.Fprint(out, b.String())
 

@@ -19,6 +19,7 @@ const (
 	exitTimeout    = 4 // the request's deadline passed
 	exitRemote     = 5 // an agent answered with an error
 	exitConnection = 6 // the broker could not be reached or refused us
+	exitDenied     = 7 // nanite policy check: the policy denies the call
 )
 
 // exitCodesHelp documents the exit codes in --help.
@@ -29,17 +30,21 @@ const exitCodesHelp = `Exit codes:
   3  no agent offers the service (or matches --target and --tag)
   4  the request timed out
   5  an agent answered with an error
-  6  the broker could not be reached, or refused the credentials or vhost`
+  6  the broker could not be reached, or refused the credentials or vhost
+  7  nanite policy check: the policy denies the call`
 
 // exitCode maps an error to the exit code of the process. It is the only
 // place that knows the mapping.
 func exitCode(err error) int {
 	var ue *usageError
+	var de *deniedError
 	switch {
 	case err == nil:
 		return exitOK
 	case errors.As(err, &ue):
 		return exitUsage
+	case errors.As(err, &de):
+		return exitDenied
 	case isConnectionError(err):
 		return exitConnection
 	case errors.Is(err, nanite.ErrNoAgent):

@@ -40,7 +40,11 @@ each is handled once:
 
 Requesters ("nanite request", programs embedding a mapper) do not need a
 mapper daemon for their own requests. Every --report-interval the daemon
-logs the size of the cluster.`,
+logs the size of the cluster.
+
+In secure mode (--cert, --key and --ca with a mapper certificate, see
+"nanite --help") the identity is the certificate's name and --revoked is
+reloaded on SIGHUP.`,
 		Example: `  nanite mapper
   nanite mapper --identity mapper-1 --report-interval 1m --log-format json`,
 		Args: args(cobra.NoArgs),
@@ -71,23 +75,40 @@ func mapperRun(ctx context.Context, opts *MapperOptions) error {
 		return err
 	}
 	log := s.newLogger(opts.IO.ErrOut, slog.LevelInfo)
+	sec, err := s.Secure.load(secureForMapper, log)
+	if err != nil {
+		return err
+	}
+	identity := opts.Identity
+	var secure *nanite.Secure
+	if sec != nil {
+		if identity, err = sec.identity(identity); err != nil {
+			return err
+		}
+		secure = sec.Secure
+	}
 	if err := checkTLS(ctx, s.URL, s.TLS.Config); err != nil {
 		return err
 	}
 	m, err := nanite.NewMapper(nanite.MapperConfig{
 		URL:                s.URL,
 		TLS:                s.TLS.Config,
-		Identity:           opts.Identity,
+		Identity:           identity,
 		AgentTimeout:       opts.AgentTimeout,
 		RequestTimeout:     opts.RequestTimeout,
 		ServeAgentRequests: true,
 		ServeFailsafe:      true,
+		Secure:             secure,
 		Logger:             log,
 	})
 	if err != nil {
 		return err
 	}
 	log.Info("mapper starting", "mapper", m.Identity(), "url", redactURL(s.URL))
+	if sec != nil {
+		sec.logStart(log)
+		defer sec.startReloads(ctx, 0, log)()
+	}
 	done := make(chan error, 1)
 	go func() { done <- m.Run(ctx) }()
 	t := time.NewTicker(opts.ReportInterval)

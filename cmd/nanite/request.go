@@ -61,6 +61,11 @@ cluster from the agents' registrations, picks the agent(s) with --selector
 
 ` + payloadHelp + `
 
+In secure mode (--cert, --key and --ca with a client certificate, see
+"nanite --help") the request is signed, and with --seal its payload and
+results are sealed end to end; an agent whose policy denies the call
+answers not_authorized (exit code 5).
+
 Intermediate results are printed to stderr as they arrive, as
 "[agent] key: value". Results go to stdout: the value alone for one agent,
 "agent: value" per line for several; with --json one document
@@ -72,7 +77,8 @@ Intermediate results are printed to stderr as they arrive, as
   nanite request --selector all --json /nanite/info
   nanite request --tag eu --tag web --match-any-tag /echo/time
   nanite request --timeout 1s /echo/slow '{"ms": 3000}'; echo "exit $?"   # 4
-  echo '{"ms": 200}' | nanite request /echo/slow -`,
+  echo '{"ms": 200}' | nanite request /echo/slow -
+  nanite request --cert ops.crt --key ops.key --ca ca.crt --seal /ops/restart`,
 		Args: args(cobra.RangeArgs(1, 2)),
 		RunE: func(cmd *cobra.Command, a []string) error {
 			if err := opts.setArgs(a); err != nil {
@@ -216,7 +222,11 @@ func (o *RequestOptions) connect(ctx context.Context) (*cluster, *slog.Logger, e
 		return nil, nil, err
 	}
 	log := s.newLogger(o.IO.ErrOut, slog.LevelWarn)
-	c, err := openCluster(ctx, s.URL, s.TLS.Config, log)
+	sec, err := s.Secure.load(secureForClient, log)
+	if err != nil {
+		return nil, nil, err
+	}
+	c, err := openSecureCluster(ctx, s.URL, s.TLS.Config, sec.nanite(), log)
 	if err != nil {
 		return nil, nil, err
 	}

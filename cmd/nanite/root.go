@@ -69,6 +69,8 @@ vhost is one cluster.
 
 ` + tlsHelp + `
 
+` + secureHelp + `
+
 ` + exitCodesHelp,
 		Example: `  # try it out: a private broker, a mapper and three agents
   nanite dev
@@ -97,6 +99,7 @@ vhost is one cluster.
 	pf.String("log-level", "", "debug, info, warn or error (env NANITE_LOG_LEVEL; default info for daemons, warn otherwise)")
 	pf.String("log-format", "", "text or json (env NANITE_LOG_FORMAT; default text)")
 	addTLSFlags(pf)
+	addSecureFlags(pf)
 	f.global = pf
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return &usageError{err} })
 
@@ -109,6 +112,8 @@ vhost is one cluster.
 		NewCmdVersion(f, nil),
 		NewCmdDev(f, nil),
 		NewCmdVhost(f, nil),
+		NewCmdPKI(f),
+		NewCmdPolicy(f, nil),
 	)
 	// Commands defined by other files of this package: add one constructor
 	// per line. (bench.go registers newBenchCmd here.)
