@@ -4,10 +4,12 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/nanite-go/nanite/security"
 	"github.com/nanite-go/nanite/testenv"
 )
 
@@ -43,24 +45,119 @@ func TestMakePayload(t *testing.T) {
 	}
 }
 
+func res(mode string, rps, p50, cpu float64) Result {
+	return Result{Mode: mode, Measure: Measure{Requests: 10, RPS: rps, P50us: p50, CPUus: cpu}}
+}
+
 func TestJudge(t *testing.T) {
-	c := Cell{Outstanding: 64, Raw: &Measure{Requests: 10, RPS: 1000, P50us: 100},
-		Nanite: &Measure{Requests: 10, RPS: 850, P50us: 150}}
+	c := Cell{Outstanding: 64, Results: []Result{res("raw", 1000, 100, 50), res("plain", 850, 150, 100),
+		res("signed:hybrid", 500, 300, 250), res("sealed:x25519", 300, 500, 400), res("signed:x25519", 600, 250, 200)}}
 	c.judge()
-	if c.Target != "throughput" || c.Pass == nil || !*c.Pass || c.ThroughputRatio != 0.85 || c.P50Ratio != 1.5 {
-		t.Errorf("64 outstanding: %+v", c)
+	raw, plain, signed, sealed, signedX := &c.Results[0], &c.Results[1], &c.Results[2], &c.Results[3], &c.Results[4]
+	if raw.Target != "" || raw.Pass != nil || raw.RPSVsRaw != 0 || raw.RPSVsPlain != 0 {
+		t.Errorf("raw is judged: %+v", raw)
 	}
-	c = Cell{Outstanding: 1, Raw: &Measure{Requests: 10, RPS: 1000, P50us: 100},
-		Nanite: &Measure{Requests: 10, RPS: 900, P50us: 130}}
-	c.judge()
-	if c.Target != "p50" || c.Pass == nil || *c.Pass {
-		t.Errorf("1 outstanding, 1.3x: %+v", c)
+	if plain.Target != "req/s>=0.80x raw" || plain.Pass == nil || !*plain.Pass || plain.RPSVsRaw != 0.85 ||
+		plain.P50VsRaw != 1.5 || plain.CPUVsRaw != 2 || plain.RPSVsPlain != 0 {
+		t.Errorf("plain at 64: %+v", plain)
 	}
-	c = Cell{Outstanding: 8, Raw: &Measure{Requests: 10, RPS: 1000, P50us: 100},
-		Nanite: &Measure{Requests: 10, RPS: 900, P50us: 130}}
+	if signed.Target != "req/s>=0.60x plain" || signed.Pass == nil || *signed.Pass || signed.RPSVsPlain != 500.0/850 ||
+		signed.P50VsPlain != 2 || signed.CPUVsPlain != 2.5 || signed.RPSVsRaw != 0.5 {
+		t.Errorf("signed at 64, 0.59x plain: %+v", signed)
+	}
+	if signedX.Pass == nil || !*signedX.Pass {
+		t.Errorf("signed:x25519 at 64, 0.71x plain: %+v", signedX)
+	}
+	if sealed.Target != "" || sealed.Pass != nil || sealed.RPSVsPlain != 300.0/850 {
+		t.Errorf("sealed has no target but its ratios: %+v", sealed)
+	}
+	c.Results[1].BrokerCPUus, c.Results[2].BrokerCPUus = 50, 100
+	fs := figures([]Cell{c})
+	if fs[0].CPUBound != 150.0/350 || fs[1].CPUBound != 0 {
+		t.Errorf("cpu-bound ratios: %+v", fs)
+	}
+	if len(fs) != 3 || fs[0].Mode != "signed:hybrid" || fs[1].Mode != "sealed:x25519" || fs[0].Pass == nil || fs[1].Pass != nil {
+		t.Errorf("figures: %+v", fs)
+	}
+
+	c = Cell{Outstanding: 1, Results: []Result{res("raw", 1000, 100, 0), res("plain", 900, 130, 0), res("signed:hybrid", 500, 300, 0)}}
 	c.judge()
-	if c.Target != "" || c.Pass != nil {
+	if p := c.Result("plain"); p.Target != "p50<=1.25x raw" || p.Pass == nil || *p.Pass {
+		t.Errorf("plain at 1, 1.3x: %+v", p)
+	}
+	if s := c.Result("signed:hybrid"); s.Pass != nil || s.CPUVsPlain != 0 {
+		t.Errorf("signed at 1 has no target, and no CPU ratio without CPU: %+v", s)
+	}
+	c = Cell{Outstanding: 8, Results: []Result{res("raw", 1000, 100, 0), res("plain", 900, 130, 0)}}
+	c.judge()
+	if c.Results[1].Target != "" || c.Results[1].Pass != nil {
 		t.Errorf("8 outstanding has no target: %+v", c)
+	}
+	// Without plain, a secure mode has no ratio to plain and no verdict.
+	c = Cell{Outstanding: 64, Results: []Result{res("raw", 1000, 100, 0), res("signed:hybrid", 500, 300, 0)}}
+	c.judge()
+	if s := c.Results[1]; s.RPSVsPlain != 0 || s.Pass != nil || s.RPSVsRaw != 0.5 {
+		t.Errorf("signed without plain: %+v", s)
+	}
+	if c.Result("plain") != nil {
+		t.Error("Result of a mode that did not run")
+	}
+}
+
+func TestParseModes(t *testing.T) {
+	names := func(ms []Mode) string {
+		var s []string
+		for _, m := range ms {
+			s = append(s, m.Name)
+		}
+		return strings.Join(s, ",")
+	}
+	for _, c := range []struct {
+		modes, kems []string
+		want        string
+	}{
+		{nil, nil, "raw,plain,signed:hybrid,signed:x25519,sealed:hybrid,sealed:x25519"},
+		{[]string{"plain", "signed"}, []string{"x25519"}, "plain,signed:x25519"},
+		{[]string{"sealed", "sealed:hybrid", "raw"}, []string{"hybrid"}, "sealed:hybrid,raw"},
+		{[]string{"signed:x-wing", " plain "}, nil, "signed:hybrid,plain"},
+	} {
+		ms, err := ParseModes(c.modes, c.kems)
+		if err != nil || names(ms) != c.want {
+			t.Errorf("ParseModes(%q, %q) = %s, %v; want %s", c.modes, c.kems, names(ms), err, c.want)
+		}
+	}
+	ms, _ := ParseModes([]string{"sealed:x25519", "signed:hybrid", "plain"}, nil)
+	if m := ms[0]; !m.Secure || !m.Seal || m.KEM != security.KEMX25519 || m.Base() != "sealed" {
+		t.Errorf("sealed:x25519 = %+v", m)
+	}
+	if m := ms[1]; !m.Secure || m.Seal || m.KEM != security.KEMHybrid {
+		t.Errorf("signed:hybrid = %+v", m)
+	}
+	if m := ms[2]; m.Secure || m.Seal || m.Base() != "plain" {
+		t.Errorf("plain = %+v", m)
+	}
+	for _, c := range []struct{ modes, kems []string }{
+		{[]string{"fast"}, nil}, {[]string{"plain:x25519"}, nil}, {[]string{"sealed:rsa"}, nil},
+		{[]string{"signed"}, []string{"p256"}},
+	} {
+		if _, err := ParseModes(c.modes, c.kems); err == nil {
+			t.Errorf("ParseModes(%q, %q) succeeded", c.modes, c.kems)
+		}
+	}
+}
+
+func TestOrder(t *testing.T) {
+	if got := order([]string{"raw", "plain", "signed"}, 3); got != "raw, plain, signed; signed, plain, raw; raw, plain, signed" {
+		t.Errorf("order = %q", got)
+	}
+}
+
+func TestModeService(t *testing.T) {
+	if got := ModeService("plain"); got != EchoService {
+		t.Errorf("plain serves %s", got)
+	}
+	if got := ModeService("sealed:x25519"); got != "/bench-sealed-x25519/echo" {
+		t.Errorf("sealed:x25519 serves %s", got)
 	}
 }
 
@@ -75,7 +172,8 @@ func TestConfigErrors(t *testing.T) {
 		{},
 		{URL: "amqp://x/", Outstanding: []int{0}},
 		{URL: "amqp://x/", Payloads: []int{1}},
-		{URL: "amqp://x/", Only: "both"},
+		{URL: "amqp://x/", Modes: []string{"both"}},
+		{URL: "amqp://x/", KEMs: []string{"rsa"}},
 	} {
 		if _, err := Run(context.Background(), cfg); err == nil {
 			t.Errorf("Run(%+v) succeeded", cfg)
@@ -83,8 +181,8 @@ func TestConfigErrors(t *testing.T) {
 	}
 }
 
-// TestRun makes a tiny run on a real broker and checks the report's shape
-// (not its numbers).
+// TestRun makes a tiny run of every mode on a real broker and checks the
+// report's shape (not its numbers).
 func TestRun(t *testing.T) {
 	if testing.Short() {
 		t.Skip("needs a broker")
@@ -95,31 +193,49 @@ func TestRun(t *testing.T) {
 	defer cancel()
 	var progress []string
 	rep, err := Run(ctx, Config{URL: url, Requests: 40, Warmup: -1, Outstanding: []int{1, 4},
-		Payloads: []int{100}, Progress: func(s string) { progress = append(progress, s) }})
+		Payloads: []int{100}, Modes: []string{"raw", "plain", "signed", "sealed:x25519"}, KEMs: []string{"hybrid"},
+		Progress: func(s string) { progress = append(progress, s) }})
 	if err != nil {
 		t.Fatal(err)
 	}
 	if len(rep.Cells) != 2 || len(progress) != 2 {
 		t.Fatalf("%d cells, %d progress lines", len(rep.Cells), len(progress))
 	}
+	if want := []string{"raw", "plain", "signed:hybrid", "sealed:x25519"}; !slices.Equal(rep.Modes, want) {
+		t.Errorf("modes %v, want %v", rep.Modes, want)
+	}
 	for _, c := range rep.Cells {
-		for name, m := range map[string]*Measure{"raw": c.Raw, "nanite": c.Nanite} {
-			if m == nil || m.Errors != 0 || m.Requests < 40 || m.P50us <= 0 || m.P99us < m.P50us || m.RPS <= 0 {
-				t.Errorf("%s cell %d/%d: %+v", name, c.Payload, c.Outstanding, m)
+		if len(c.Results) != 4 {
+			t.Fatalf("cell %d/%d: %d results", c.Payload, c.Outstanding, len(c.Results))
+		}
+		for _, m := range c.Results {
+			if m.Errors != 0 || m.Requests < 40 || m.P50us <= 0 || m.P99us < m.P50us || m.RPS <= 0 {
+				t.Errorf("%s cell %d/%d: %+v", m.Mode, c.Payload, c.Outstanding, m)
+			}
+			if m.Mode != "raw" && (m.P50VsRaw <= 0 || m.RPSVsRaw <= 0) {
+				t.Errorf("%s cell %d/%d has no ratios to raw: %+v", m.Mode, c.Payload, c.Outstanding, m)
+			}
+			if m.Mode != "raw" && m.Mode != "plain" && (m.P50VsPlain <= 0 || m.RPSVsPlain <= 0) {
+				t.Errorf("%s cell %d/%d has no ratios to plain: %+v", m.Mode, c.Payload, c.Outstanding, m)
 			}
 		}
-		if c.P50Ratio <= 0 || c.ThroughputRatio <= 0 {
-			t.Errorf("cell %d/%d has no ratios: %+v", c.Payload, c.Outstanding, c)
-		}
 	}
-	if rep.Cells[0].Target != "p50" || rep.Cells[0].Pass == nil {
-		t.Errorf("the 1-outstanding cell is not judged: %+v", rep.Cells[0])
+	if p := rep.Cells[0].Result("plain"); p.Target != "p50<=1.25x raw" || p.Pass == nil {
+		t.Errorf("plain in the 1-outstanding cell is not judged: %+v", p)
+	}
+	// Secure mode refused nothing of its own traffic.
+	for _, mode := range []string{"signed:hybrid", "sealed:x25519"} {
+		for k, v := range rep.Counters[mode] {
+			if strings.HasPrefix(k, "agent.") {
+				t.Errorf("%s: %s=%d", mode, k, v)
+			}
+		}
 	}
 	var table, js bytes.Buffer
 	if err := rep.WriteTable(&table); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"prefetch 16", "raw p50", "nanite p50", "100 B", "p50<=1.25x"} {
+	for _, want := range []string{"prefetch 16", "req/s x plain", "signed:hybrid", "sealed:x25519", "100 B", "p50<=1.25x raw"} {
 		if !strings.Contains(table.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, table.String())
 		}
@@ -128,10 +244,39 @@ func TestRun(t *testing.T) {
 		t.Fatal(err)
 	}
 	var back Report
-	if err := json.Unmarshal(js.Bytes(), &back); err != nil || len(back.Cells) != 2 || back.Cells[1].Nanite == nil {
+	if err := json.Unmarshal(js.Bytes(), &back); err != nil || len(back.Cells) != 2 || back.Cells[1].Result("sealed:x25519") == nil ||
+		back.Cells[1].Result("sealed:x25519").RPS <= 0 {
 		t.Errorf("JSON does not round-trip: %v\n%s", err, js.String())
 	}
 	if strings.Contains(table.String()+js.String(), strings.Split(strings.Split(url, "@")[0], ":")[2]) {
 		t.Error("the report shows the broker password")
+	}
+}
+
+// TestRunFigures runs the 64-outstanding cell briefly and checks that the
+// secure figures are reported.
+func TestRunFigures(t *testing.T) {
+	if testing.Short() {
+		t.Skip("needs a broker")
+	}
+	r := testenv.Rabbit(t)
+	url := r.NewVhost(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+	defer cancel()
+	rep, err := Run(ctx, Config{URL: url, Requests: 256, Warmup: -1, Outstanding: []int{64},
+		Payloads: []int{100}, Modes: []string{"plain", "signed", "sealed"}, KEMs: []string{"x25519"}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Figures) != 2 || rep.Figures[0].Mode != "signed:x25519" || rep.Figures[0].Pass == nil ||
+		rep.Figures[1].Mode != "sealed:x25519" || rep.Figures[1].RPSVsPlain <= 0 {
+		t.Errorf("figures: %+v", rep.Figures)
+	}
+	var table bytes.Buffer
+	if err := rep.WriteTable(&table); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(table.String(), "req/s>=0.60x plain") {
+		t.Errorf("table lacks the signed verdict:\n%s", table.String())
 	}
 }

@@ -69,3 +69,27 @@ func ProcessCPU(pid int) func() time.Duration {
 		return time.Duration(ut+st) * time.Second / clockTicks
 	}
 }
+
+// loadAverage returns the 1, 5 and 15-minute load averages of the machine
+// ("4.36 6.80 6.56"), or "" when they cannot be read.
+func loadAverage() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return ""
+	}
+	f := strings.Fields(string(b))
+	if len(f) < 3 {
+		return ""
+	}
+	return strings.Join(f[:3], " ")
+}
+
+// load1 returns the 1-minute load average (0 when it cannot be read).
+func load1() float64 {
+	f := strings.Fields(loadAverage())
+	if len(f) == 0 {
+		return 0
+	}
+	x, _ := strconv.ParseFloat(f[0], 64)
+	return x
+}

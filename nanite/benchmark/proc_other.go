@@ -9,3 +9,9 @@ func FindProcess(contains ...string) int { return 0 }
 
 // ProcessCPU is only implemented on Linux; elsewhere it reports 0.
 func ProcessCPU(pid int) func() time.Duration { return func() time.Duration { return 0 } }
+
+// loadAverage is only read on Linux.
+func loadAverage() string { return "" }
+
+// load1 is only read on Linux.
+func load1() float64 { return 0 }

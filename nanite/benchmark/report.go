@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"sort"
 	"strings"
 	"text/tabwriter"
 )
@@ -15,7 +16,8 @@ func (r *Report) WriteJSON(w io.Writer) error {
 	return enc.Encode(r)
 }
 
-// WriteTable writes the report as a header and a table, one row per cell.
+// WriteTable writes the report as a header, a table with one row per mode
+// in each cell, the secure modes' figures against plain, and notes.
 func (r *Report) WriteTable(w io.Writer) error {
 	var b strings.Builder
 	broker := r.Broker
@@ -23,60 +25,114 @@ func (r *Report) WriteTable(w io.Writer) error {
 		broker += " (" + r.BrokerNote + ")"
 	}
 	fmt.Fprintf(&b, "nanite bench: broker %s\n", broker)
-	fmt.Fprintf(&b, "  %s, GOMAXPROCS=%d, %d CPUs, started %s\n", r.GoVersion, r.GOMAXPROCS, r.NumCPU,
+	fmt.Fprintf(&b, "  %s, GOMAXPROCS=%d, %d CPUs, started %s", r.GoVersion, r.GOMAXPROCS, r.NumCPU,
 		r.Started.Format("2006-01-02 15:04:05"))
-	fmt.Fprintf(&b, "  raw:    %s\n", r.Baseline)
+	if r.LoadStart != "" {
+		fmt.Fprintf(&b, ", load average %s at the start, %s at the end", r.LoadStart, r.LoadEnd)
+	}
+	fmt.Fprintf(&b, "\n  raw:    %s\n", r.Baseline)
 	fmt.Fprintf(&b, "  nanite: %s\n", r.NaniteSide)
+	if r.SecureSide != "" {
+		fmt.Fprintf(&b, "  secure: %s\n", r.SecureSide)
+	}
 	per := fmt.Sprintf("%gs", r.DurationSec)
 	if r.Requests > 0 {
 		per = fmt.Sprintf("%d requests", r.Requests)
 	}
-	fmt.Fprintf(&b, "  each cell: %s per side in %d rounds, order %s, after %gs warmup per side; "+
+	fmt.Fprintf(&b, "  each cell: %s per mode in %d rounds, order %s; after %gs warmup per mode; "+
 		"N outstanding = N goroutines each making sequential requests\n", per, r.Rounds, r.Order, r.WarmupSec)
-	fmt.Fprintf(&b, "  targets: nanite throughput >= %.2fx raw at %d outstanding; nanite p50 <= %.2fx raw at %d outstanding\n",
-		r.Targets.ThroughputRatio, r.Targets.ThroughputOutstanding, r.Targets.P50Ratio, r.Targets.P50Outstanding)
-	fmt.Fprintf(&b, "  cpu/req: CPU time per request of this process (requesters, echo server or agent, mapper); brk/req: of the broker process (when known)\n\n")
+	fmt.Fprintf(&b, "  targets: plain req/s >= %.2fx raw at %d outstanding; plain p50 <= %.2fx raw at %d outstanding; "+
+		"signed req/s >= %.2fx plain at %d outstanding\n",
+		r.Targets.ThroughputRatio, r.Targets.ThroughputOutstanding, r.Targets.P50Ratio, r.Targets.P50Outstanding,
+		r.Targets.SignedRatio, r.Targets.ThroughputOutstanding)
+	fmt.Fprintf(&b, "  cpu/req: CPU time per request of this process (requesters, echo server or agent, mapper); "+
+		"brk/req: of the broker process (when known); x raw, x plain: ratios to raw and plain in the same cell\n\n")
 	if _, err := io.WriteString(w, b.String()); err != nil {
 		return err
 	}
 
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	fmt.Fprintln(tw, "payload\tout\t|\traw p50\tp99\treq/s\tcpu/req\tbrk/req\t|\tnanite p50\tp99\treq/s\tcpu/req\tbrk/req\t|\tp50 x\treq/s x\t|\ttarget\t")
+	fmt.Fprintln(tw, "payload\tout\tload\t|\tmode\tp50\tp99\treq/s\tcpu/req\tbrk/req\tallocs\t|\t"+
+		"p50 x raw\treq/s x raw\tcpu x raw\t|\tp50 x plain\treq/s x plain\tcpu x plain\t|\ttarget\t")
 	for _, c := range r.Cells {
-		row := []string{FormatBytes(c.Payload), fmt.Sprint(c.Outstanding)}
-		row = append(row, measureCols(c.Raw)...)
-		row = append(row, measureCols(c.Nanite)...)
-		row = append(row, "|", ratio(c.P50Ratio), ratio(c.ThroughputRatio), "|", verdict(c))
-		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
+		for i, m := range c.Results {
+			row := []string{"", "", ""}
+			if i == 0 {
+				row = []string{FormatBytes(c.Payload), fmt.Sprint(c.Outstanding), "-"}
+				if c.Load1 > 0 {
+					row[2] = fmt.Sprintf("%.1f", c.Load1)
+				}
+			}
+			row = append(row, "|", m.Mode, FormatMicros(m.P50us), FormatMicros(m.P99us), fmt.Sprintf("%.0f", m.RPS),
+				FormatMicros(m.CPUus), FormatMicros(m.BrokerCPUus), fmt.Sprintf("%.0f", m.AllocsPerReq),
+				"|", ratio(m.P50VsRaw), ratio(m.RPSVsRaw), ratio(m.CPUVsRaw),
+				"|", ratio(m.P50VsPlain), ratio(m.RPSVsPlain), ratio(m.CPUVsPlain),
+				"|", verdict(m.Target, m.Pass))
+			fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
+		}
 	}
 	if err := tw.Flush(); err != nil {
 		return err
 	}
+
+	if len(r.Figures) > 0 {
+		if _, err := fmt.Fprintf(w, "\nsecure mode against plain at %d outstanding (same cells, same run):\n",
+			r.Targets.ThroughputOutstanding); err != nil {
+			return err
+		}
+		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
+		fmt.Fprintln(tw, "payload\tmode\treq/s x plain\tp50 x plain\tcpu/req x plain\tcpu-bound req/s x plain\ttarget\t")
+		for _, f := range r.Figures {
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", FormatBytes(f.Payload), f.Mode, ratio(f.RPSVsPlain),
+				ratio(f.P50VsPlain), ratio(f.CPUVsPlain), ratio(f.CPUBound), verdict(f.Target, f.Pass))
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		if _, err := fmt.Fprintln(w, "  cpu-bound req/s x plain: plain's CPU per request over the mode's, this process and the broker together:\n"+
+			"  the ratio to expect when the machine's CPU limits both, steadier than req/s on a shared machine"); err != nil {
+			return err
+		}
+	}
+
 	var notes []string
 	for _, c := range r.Cells {
-		for _, m := range []struct {
-			side string
-			m    *Measure
-		}{{"raw", c.Raw}, {"nanite", c.Nanite}} {
-			if m.m != nil && m.m.Errors > 0 {
-				notes = append(notes, fmt.Sprintf("  %s %s/%d: %d errors, first: %s", m.side,
-					FormatBytes(c.Payload), c.Outstanding, m.m.Errors, m.m.FirstErr))
+		for _, m := range c.Results {
+			if m.Errors > 0 {
+				notes = append(notes, fmt.Sprintf("  %s %s/%d: %d errors, first: %s", m.Mode,
+					FormatBytes(c.Payload), c.Outstanding, m.Errors, m.FirstErr))
 			}
 		}
 	}
 	if len(notes) > 0 {
-		_, err := fmt.Fprintf(w, "\nerrors:\n%s\n", strings.Join(notes, "\n"))
-		return err
+		if _, err := fmt.Fprintf(w, "\nerrors:\n%s\n", strings.Join(notes, "\n")); err != nil {
+			return err
+		}
+	}
+	if len(r.Counters) > 0 {
+		var lines []string
+		for _, mode := range r.Modes {
+			c := r.Counters[mode]
+			if len(c) == 0 {
+				continue
+			}
+			keys := make([]string, 0, len(c))
+			for k := range c {
+				keys = append(keys, k)
+			}
+			sort.Strings(keys)
+			var kv []string
+			for _, k := range keys {
+				kv = append(kv, fmt.Sprintf("%s=%d", k, c[k]))
+			}
+			lines = append(lines, fmt.Sprintf("  %s: %s", mode, strings.Join(kv, " ")))
+		}
+		if _, err := fmt.Fprintf(w, "\ncounters (mappers also refuse the other modes' registrations and heartbeats):\n%s\n",
+			strings.Join(lines, "\n")); err != nil {
+			return err
+		}
 	}
 	return nil
-}
-
-func measureCols(m *Measure) []string {
-	if m == nil {
-		return []string{"|", "-", "-", "-", "-", "-"}
-	}
-	return []string{"|", FormatMicros(m.P50us), FormatMicros(m.P99us), fmt.Sprintf("%.0f", m.RPS),
-		FormatMicros(m.CPUus), FormatMicros(m.BrokerCPUus)}
 }
 
 func ratio(x float64) string {
@@ -86,21 +142,14 @@ func ratio(x float64) string {
 	return fmt.Sprintf("%.2f", x)
 }
 
-func verdict(c Cell) string {
-	if c.Pass == nil {
+func verdict(target string, pass *bool) string {
+	if pass == nil {
 		return "-"
 	}
-	v := "MISS"
-	if *c.Pass {
-		v = "PASS"
+	if *pass {
+		return target + " PASS"
 	}
-	switch c.Target {
-	case "p50":
-		return fmt.Sprintf("p50<=%.2fx %s", TargetP50Ratio, v)
-	case "throughput":
-		return fmt.Sprintf("req/s>=%.2fx %s", TargetThroughputRatio, v)
-	}
-	return v
+	return target + " MISS"
 }
 
 // FormatMicros prints a duration given in µs: "183µs", "1.24ms".
