@@ -540,7 +540,7 @@ func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string,
 	case herr != nil:
 		ebody = herr
 	default:
-		if rm, ok := res.(json.RawMessage); ok && json.Valid(rm) {
+		if rm, ok := res.(json.RawMessage); ok && validJSON(rm) {
 			payload = rm
 			break
 		}

@@ -7,8 +7,8 @@ package nanite
 //   - marshalPacket returns, byte for byte, what json.Marshal of the packet
 //     (Version set, Payload nil) with the payload spliced in last returns,
 //     and the same errors (it hands anything it does not encode itself to
-//     encoding/json: a non-finite status, a result payload that is not
-//     valid JSON).
+//     encoding/json: a non-finite status, a result payload or an origin
+//     that is not valid JSON).
 //   - unmarshalPacket fills the Packet that json.Unmarshal fills, and fails
 //     when json.Unmarshal fails. It decodes the common shapes itself and
 //     hands everything else to json.Unmarshal: keys that are not an exact
@@ -25,9 +25,12 @@ package nanite
 
 import (
 	"bytes"
+	"encoding/base64"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/bits"
 	"strconv"
 	"unicode"
 	"unicode/utf16"
@@ -75,7 +78,8 @@ func marshalPacketJSON(p *Packet) ([]byte, error) {
 func packetSizeHint(p *Packet) int {
 	n := 64 + len(p.Kind) + len(p.Type) + len(p.Payload) + len(p.From) + len(p.Token) +
 		len(p.ReplyTo) + len(p.Selector) + len(p.Target) + len(p.TagMatch) + len(p.Key) +
-		len(p.Identity) + len(p.Queue) + len(p.AgentVer)
+		len(p.Identity) + len(p.Queue) + len(p.AgentVer) + len(p.To) +
+		base64.StdEncoding.EncodedLen(len(p.Sealed)) + len(p.Origin)
 	if p.Error != nil {
 		n += 32 + len(p.Error.Code) + len(p.Error.Message)
 	}
@@ -97,9 +101,6 @@ func packetSizeHint(p *Packet) int {
 // appendPacket appends the encoding of p. It returns false if p holds
 // something encoding/json would refuse to encode.
 func appendPacket(b []byte, p *Packet) ([]byte, bool) {
-	if p.To != "" || p.Sealed != nil || p.Origin != nil {
-		return b, false // secure-mode members: encoding/json does them
-	}
 	b = append(b, `{"v":`...)
 	b = strconv.AppendInt(b, ProtocolVersion, 10)
 	b = append(b, `,"packet":`...)
@@ -188,6 +189,19 @@ func appendPacket(b []byte, p *Packet) ([]byte, bool) {
 	b = appendIntMember(b, `,"heartbeat_ms":`, p.Interval)
 	b = appendStringMember(b, `,"agent_version":`, p.AgentVer)
 	b = appendIntMember(b, `,"sent_at":`, p.SentAtUnix)
+	b = appendStringMember(b, `,"to":`, p.To)
+	if len(p.Sealed) > 0 {
+		b = append(b, `,"sealed":"`...)
+		b = base64.StdEncoding.AppendEncode(b, p.Sealed)
+		b = append(b, '"')
+	}
+	if len(p.Origin) > 0 {
+		b = append(b, `,"origin":`...)
+		var ok bool
+		if b, ok = appendCompact(b, p.Origin); !ok {
+			return b, false
+		}
+	}
 	if len(p.Payload) > 0 {
 		b = append(b, `,"payload":`...)
 		b = append(b, p.Payload...)
@@ -424,6 +438,9 @@ const (
 	fInterval
 	fAgentVer
 	fSentAt
+	fTo
+	fSealed
+	fOrigin
 )
 
 // packet decodes a whole input holding one Packet object.
@@ -487,8 +504,12 @@ func (d *decoder) packet(p *Packet) bool {
 			f, ok = fAgentVer, d.string(&p.AgentVer)
 		case "sent_at":
 			f, ok = fSentAt, d.int64(&p.SentAtUnix)
-		case "to", "sealed", "origin":
-			return false // secure-mode members: encoding/json does them
+		case "to":
+			f, ok = fTo, d.string(&p.To)
+		case "sealed":
+			f, ok = fSealed, d.byteSlice(&p.Sealed)
+		case "origin":
+			f, ok = fOrigin, d.raw(&p.Origin)
 		default:
 			return d.unknown(key)
 		}
@@ -711,6 +732,29 @@ func (d *decoder) raw(v *json.RawMessage) bool {
 		return false
 	}
 	*v = append(json.RawMessage(nil), d.b[start:d.i]...)
+	return true
+}
+
+// byteSlice decodes a string holding base64 (standard encoding, padded) into
+// a new []byte, or null, as encoding/json decodes a []byte.
+func (d *decoder) byteSlice(v *[]byte) bool {
+	if d.null() {
+		*v = nil
+		return true
+	}
+	raw, plain, ok := d.scanString()
+	if !ok {
+		return false
+	}
+	if !plain {
+		raw = []byte(makeString(raw, plain))
+	}
+	b := make([]byte, base64.StdEncoding.DecodedLen(len(raw)))
+	n, err := base64.StdEncoding.Decode(b, raw)
+	if err != nil {
+		return false
+	}
+	*v = b[:n]
 	return true
 }
 
@@ -962,6 +1006,13 @@ func (d *decoder) scanString() (raw []byte, plain, ok bool) {
 	start := d.i + 1
 	plain = true
 	for i := start; i < len(b); {
+		for i+8 <= len(b) {
+			if m := stringStopMask(binary.LittleEndian.Uint64(b[i:])); m != 0 {
+				i += bits.TrailingZeros64(m) / 8
+				break
+			}
+			i += 8
+		}
 		for i < len(b) && !stringStop[b[i]] {
 			i++
 		}
@@ -996,6 +1047,19 @@ func (d *decoder) scanString() (raw []byte, plain, ok bool) {
 		}
 	}
 	return nil, false, false
+}
+
+// stringStopMask has the high bit set in the first byte of x (eight bytes
+// read little-endian) that is a stringStop byte, if any: a byte less than
+// 0x20, '"', '\\', or 0x80 and above. These are the usual "has a zero
+// byte" and "has a byte less than n" tests; their borrows may flag later
+// bytes too, never earlier ones, so only the lowest flag is exact.
+func stringStopMask(x uint64) uint64 {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	quote := x ^ (ones * '"')
+	backslash := x ^ (ones * '\\')
+	less := (x - ones*' ') &^ x
+	return (less | (quote-ones)&^quote | (backslash-ones)&^backslash | x) & highs
 }
 
 func hasPrefix(b []byte, s string) bool {
@@ -1088,36 +1152,58 @@ func makeString(raw []byte, plain bool) string {
 // a new string for others.
 func intern(b []byte) string {
 	switch string(b) {
-	case "request":
-		return "request"
-	case "push":
-		return "push"
-	case "result":
-		return "result"
-	case "intermediate":
-		return "intermediate"
-	case "register":
-		return "register"
-	case "unregister":
-		return "unregister"
-	case "heartbeat":
-		return "heartbeat"
-	case "advertise":
-		return "advertise"
-	case "least_loaded":
-		return "least_loaded"
-	case "all":
-		return "all"
-	case "any":
-		return "any"
-	case "random":
-		return "random"
-	case "rr":
-		return "rr"
-	case "handler_error":
-		return "handler_error"
-	case "timeout":
-		return "timeout"
+	case string(KindRequest):
+		return string(KindRequest)
+	case string(KindPush):
+		return string(KindPush)
+	case string(KindResult):
+		return string(KindResult)
+	case string(KindIntermediate):
+		return string(KindIntermediate)
+	case string(KindRegister):
+		return string(KindRegister)
+	case string(KindUnregister):
+		return string(KindUnregister)
+	case string(KindHeartbeat):
+		return string(KindHeartbeat)
+	case string(KindAdvertise):
+		return string(KindAdvertise)
+	case SelectLeastLoaded:
+		return SelectLeastLoaded
+	case SelectAll: // and MatchAll
+		return SelectAll
+	case MatchAny:
+		return MatchAny
+	case SelectRandom:
+		return SelectRandom
+	case SelectRoundRobin:
+		return SelectRoundRobin
+	case CodeHandler:
+		return CodeHandler
+	case CodePanic:
+		return CodePanic
+	case CodeUnknown:
+		return CodeUnknown
+	case CodeBadRequest:
+		return CodeBadRequest
+	case CodeTooLarge:
+		return CodeTooLarge
+	case CodeExpired:
+		return CodeExpired
+	case CodeTimeout:
+		return CodeTimeout
+	case CodeShutdown:
+		return CodeShutdown
+	case CodeNoAgent:
+		return CodeNoAgent
+	case CodeNotDelivered:
+		return CodeNotDelivered
+	case CodeAgentLost:
+		return CodeAgentLost
+	case CodeUnauthorized:
+		return CodeUnauthorized
+	case CodeInternal:
+		return CodeInternal
 	}
 	return string(b)
 }

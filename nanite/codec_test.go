@@ -10,9 +10,12 @@ package nanite
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"fmt"
 	"math"
+	"math/bits"
+	"math/rand/v2"
 	"reflect"
 	"strings"
 	"testing"
@@ -135,6 +138,10 @@ var codecExamples = []string{
 	`{"v":1,"packet":"heartbeat","from":"go-agent-1","identity":"go-agent-1","status":0.5,"in_flight":3,"sent_at":1795704212820}`,
 	`{"v":1,"packet":"unregister","from":"go-agent-1","identity":"go-agent-1","status":0.5,"sent_at":1795704213079}`,
 	`{"v":1,"packet":"advertise","from":"mapper-497fb8c43a06"}`,
+	// Secure mode (docs/security.md): a sealed request relayed with its
+	// caller's envelope, and a sealed result.
+	`{"v":1,"packet":"request","type":"/db/query","from":"agent-7f3a","token":"2a11c0fb40589032be67c5d7f502794c","reply_to":"nanite.reply.mapper-1","selector":"least_loaded","tag_match":"all","deadline":1795704590470,"to":"go-agent-1","sealed":"q83vASNFZ4mrze8BI0VniavN7wEjRWeJ","origin":{"v":1,"sig":"MEUCIQDx","cert":"MIIB"}}`,
+	`{"v":1,"packet":"result","from":"go-agent-1","token":"tok-1","sealed":"3q2+7w=="}`,
 }
 
 // codecDecodeCases are corner cases of encoding/json decoding; some take
@@ -224,6 +231,19 @@ var codecDecodeCases = []string{
 	`{"v":1,"packet":"zap"}`,
 	`{"v":1,"packet":"request","type":"/a/b","reply_to":"q"}`,
 	`{"v":1,"packet":"advertise"}`,
+	// Secure mode: to, sealed (base64), origin (raw).
+	`{"v":1,"packet":"request","type":"/a/b","token":"t","reply_to":"q","to":"agent-1","sealed":"AAECA/8=","origin":{"sig":"x", "cert" : [1,2]}}`,
+	`{"v":1,"packet":"result","token":"t","sealed":""}`,
+	`{"v":1,"packet":"result","token":"t","sealed":null,"origin":null,"to":null}`,
+	`{"v":1,"packet":"result","token":"t","sealed":"AAEC\nAw=="}`,
+	`{"v":1,"packet":"result","token":"t","sealed":"AAEC\u0041w=="}`,
+	"{\"v\":1,\"packet\":\"result\",\"token\":\"t\",\"sealed\":\"AAEC\r\nAw==\"}",
+	`{"v":1,"packet":"result","token":"t","sealed":"AAECAw"}`,
+	`{"v":1,"packet":"result","token":"t","sealed":"AAEC-w=="}`,
+	`{"v":1,"packet":"result","token":"t","sealed":"AAEC\u00e9=="}`,
+	`{"v":1,"packet":"result","token":"t","sealed":[1,2]}`,
+	`{"v":1,"packet":"result","token":"t","sealed":"AA==","Sealed":"AQ=="}`,
+	`{"v":1,"packet":"result","token":"t","origin":1,"origin":2}`,
 	// Deep nesting.
 	`{"v":1,"packet":"push","type":"/a/b","payload":` + strings.Repeat("[", 1500) + strings.Repeat("]", 1500) + `}`,
 	`{"v":1,"packet":"push","type":"/a/b","x":` + strings.Repeat("[", 20000) + strings.Repeat("]", 20000) + `}`,
@@ -251,6 +271,8 @@ func TestCodecFastPath(t *testing.T) {
 		`{"v":1,"packet":"push","type":"/a\"b\u00e9\ud83d\ude00","extra":{"deep":[1,{"x":null}]}}`,
 		"{\"v\":1,\"packet\":\"push\",\"type\":\"a\xffé\"}",
 		`{"v":1,"packet":"push","type":"/a/b","from":null,"tags":[],"error":null,"status":null}`,
+		`{"v":1,"packet":"request","type":"/a/b","token":"t","reply_to":"q","to":"agent-1","sealed":"AAECA/8=","origin":{"sig":"x"}}`,
+		`{"v":1,"packet":"result","token":"t","sealed":"AAEC\u0041w=="}`,
 	} {
 		var p Packet
 		d := decoder{b: []byte(in)}
@@ -292,6 +314,10 @@ func TestCodecEncode(t *testing.T) {
 			strings.Repeat("[", 1500) + strings.Repeat("]", 1500))}}},
 		{Kind: KindResult, Results: []ResultRecord{{Agent: "a", Payload: json.RawMessage(
 			strings.Repeat("[", 10001) + strings.Repeat("]", 10001))}}},
+		{Kind: KindRequest, To: odd, Sealed: []byte{0, 1, 2, 0xff}, Origin: json.RawMessage(" { \"a\" : \"<&>\" } ")},
+		{Kind: KindRequest, Sealed: []byte{}, Origin: json.RawMessage{}},
+		{Kind: KindRequest, Origin: json.RawMessage(`{"a":`)},
+		{Kind: KindRequest, Origin: json.RawMessage(strings.Repeat("[", 1500) + strings.Repeat("]", 1500))},
 		{Kind: KindHeartbeat, Status: f(0)},
 		{Kind: KindHeartbeat, Status: f(math.Copysign(0, -1))},
 		{Kind: KindHeartbeat, Status: f(1e-7)},
@@ -321,28 +347,78 @@ func TestCodecValid(t *testing.T) {
 	}
 }
 
+// TestCodecStringStopMask checks the word-at-a-time scan against the
+// byte table: the lowest flagged byte is the first stop byte.
+func TestCodecStringStopMask(t *testing.T) {
+	first := func(w [8]byte) int {
+		for i, c := range w {
+			if stringStop[c] {
+				return i
+			}
+		}
+		return 8
+	}
+	check := func(w [8]byte) {
+		m := stringStopMask(binary.LittleEndian.Uint64(w[:]))
+		got := 8
+		if m != 0 {
+			got = bits.TrailingZeros64(m) / 8
+		}
+		if want := first(w); got != want {
+			t.Fatalf("%q: first stop byte at %d, mask says %d", w, want, got)
+		}
+	}
+	rng := rand.New(rand.NewPCG(1, 2))
+	for range 200000 {
+		var w [8]byte
+		for i := range w {
+			w[i] = byte(rng.Uint32())
+			if rng.IntN(2) == 0 {
+				w[i] = ' ' + byte(rng.IntN(0x60))
+			}
+		}
+		check(w)
+	}
+	for pos := range 8 {
+		for c := range 256 {
+			for _, fill := range []byte{'a', ' ', '!', '#', '[', ']', 0x7f, 0x00, 0x1f, 0xff, '"', '\\'} {
+				var w [8]byte
+				for i := range w {
+					w[i] = fill
+				}
+				w[pos] = byte(c)
+				check(w)
+			}
+		}
+	}
+}
+
 // TestCodecPacketFields fails when a member is added to Packet or one of
-// its nested types: appendPacket and decoder.packet must learn it first.
+// its nested types, or changes type: appendPacket and decoder.packet must
+// learn it first.
 func TestCodecPacketFields(t *testing.T) {
 	want := map[reflect.Type]string{
-		reflect.TypeFor[Packet](): "v packet type,omitempty payload,omitempty from,omitempty token,omitempty " +
-			"reply_to,omitempty selector,omitempty target,omitempty tags,omitempty tag_match,omitempty " +
-			"persistent,omitempty offline_failsafe,omitempty deadline,omitempty attempt,omitempty key,omitempty " +
-			"error,omitempty results,omitempty identity,omitempty queue,omitempty services,omitempty " +
-			"status,omitempty in_flight,omitempty heartbeat_ms,omitempty agent_version,omitempty sent_at,omitempty " +
-			// secure mode: handed to encoding/json by both directions
-			"to,omitempty sealed,omitempty origin,omitempty",
-		reflect.TypeFor[ServiceInfo]():  "name idempotent,omitempty",
-		reflect.TypeFor[ErrorBody]():    "code message",
-		reflect.TypeFor[ResultRecord](): "agent payload,omitempty error,omitempty",
+		reflect.TypeFor[Packet](): `v:int packet:nanite.Kind type,omitempty:string
+			payload,omitempty:json.RawMessage from,omitempty:string token,omitempty:string
+			reply_to,omitempty:string selector,omitempty:string target,omitempty:string
+			tags,omitempty:[]string tag_match,omitempty:string persistent,omitempty:bool
+			offline_failsafe,omitempty:bool deadline,omitempty:int64 attempt,omitempty:int
+			key,omitempty:string error,omitempty:*nanite.ErrorBody results,omitempty:[]nanite.ResultRecord
+			identity,omitempty:string queue,omitempty:string services,omitempty:[]nanite.ServiceInfo
+			status,omitempty:*float64 in_flight,omitempty:int heartbeat_ms,omitempty:int64
+			agent_version,omitempty:string sent_at,omitempty:int64
+			to,omitempty:string sealed,omitempty:[]uint8 origin,omitempty:json.RawMessage`,
+		reflect.TypeFor[ServiceInfo]():  `name:string idempotent,omitempty:bool`,
+		reflect.TypeFor[ErrorBody]():    `code:string message:string`,
+		reflect.TypeFor[ResultRecord](): `agent:string payload,omitempty:json.RawMessage error,omitempty:*nanite.ErrorBody`,
 	}
-	for typ, tags := range want {
+	for typ, members := range want {
 		var got []string
 		for f := range typ.Fields() {
-			got = append(got, f.Tag.Get("json"))
+			got = append(got, f.Tag.Get("json")+":"+f.Type.String())
 		}
-		if strings.Join(got, " ") != tags {
-			t.Errorf("%v has JSON members %q; codec.go handles %q", typ, got, tags)
+		if strings.Join(got, " ") != strings.Join(strings.Fields(members), " ") {
+			t.Errorf("%v has JSON members %q; codec.go handles %q", typ, got, strings.Fields(members))
 		}
 	}
 }
@@ -365,18 +441,200 @@ func FuzzCodecDecode(f *testing.F) {
 	})
 }
 
+// FuzzCodecDecodeShapes is FuzzCodecDecode on packet-shaped JSON: the
+// fuzzer's bytes choose members, values, escapes, whitespace and
+// deviations (wrong types, case variants, duplicates) from genPacketJSON's
+// vocabulary, so that most inputs get deep into the fast path.
+func FuzzCodecDecodeShapes(f *testing.F) {
+	f.Add([]byte{})
+	f.Add([]byte("request, push, result, register, heartbeat"))
+	f.Add([]byte{9, 0, 0, 1, 1, 1, 2, 2, 2, 3, 3, 3, 4, 4, 4, 5, 5, 5, 6, 6, 6, 7, 7, 7, 8, 8, 8})
+	f.Fuzz(func(t *testing.T, choices []byte) {
+		g := &jsonGen{choices: choices}
+		b := g.packet()
+		checkDecode(t, b)
+		if p, _ := refDecodePacket(b, 0); p != nil {
+			checkEncode(t, p)
+		}
+	})
+}
+
+// jsonGen writes packet-shaped JSON, each choice taken from the next byte
+// of choices (0 once they run out).
+type jsonGen struct {
+	choices []byte
+	out     []byte
+	depth   int
+}
+
+func (g *jsonGen) next(n int) int {
+	if len(g.choices) == 0 {
+		return 0
+	}
+	c := g.choices[0]
+	g.choices = g.choices[1:]
+	return int(c) % n
+}
+
+func (g *jsonGen) pick(list ...string) {
+	g.out = append(g.out, list[g.next(len(list))]...)
+}
+
+func (g *jsonGen) space() { g.pick("", "", "", " ", "\n", "\t", "\r\n  ") }
+
+// genPacketKeys are the member names genPacketJSON uses, with the kind of
+// value (see jsonGen.value) each takes, and then names that are not
+// members or match one only case-insensitively or after unescaping.
+var genPacketKeys = []struct {
+	key  string
+	kind byte
+}{
+	{"v", 'i'}, {"packet", 'k'}, {"type", 's'}, {"payload", 'r'}, {"from", 's'}, {"token", 's'},
+	{"reply_to", 's'}, {"selector", 's'}, {"target", 's'}, {"tags", 'a'}, {"tag_match", 's'},
+	{"persistent", 'b'}, {"offline_failsafe", 'b'}, {"deadline", 'i'}, {"attempt", 'i'}, {"key", 's'},
+	{"error", 'e'}, {"results", 'p'}, {"identity", 's'}, {"queue", 's'}, {"services", 'n'},
+	{"status", 'f'}, {"in_flight", 'i'}, {"heartbeat_ms", 'i'}, {"agent_version", 's'}, {"sent_at", 'i'},
+	{"to", 's'}, {"sealed", 's'}, {"origin", 'r'},
+	{"extra", 'r'}, {"V", 'i'}, {"Type", 's'}, {"REPLY_TO", 's'}, {`\u0074oken`, 's'}, {"x-y", 'r'},
+	{"payload ", 'r'}, {"\u017fent_at", 'i'}, {"\xff", 's'},
+}
+
+var genNested = []string{"name", "idempotent", "code", "message", "agent", "payload", "error", "Name", "zz"}
+
+func (g *jsonGen) packet() []byte {
+	g.space()
+	g.out = append(g.out, '{')
+	for i := range g.next(14) {
+		if i > 0 {
+			g.out = append(g.out, ',')
+		}
+		g.space()
+		k := genPacketKeys[g.next(len(genPacketKeys))]
+		g.out = append(append(append(g.out, '"'), k.key...), '"')
+		g.space()
+		g.out = append(g.out, ':')
+		g.space()
+		g.value(k.kind)
+		g.space()
+	}
+	g.out = append(g.out, '}')
+	g.space()
+	if g.next(32) == 0 {
+		g.pick("x", ",", "}", "{}")
+	}
+	return g.out
+}
+
+// value writes a value of the kind (i int, f float, s string, k packet
+// kind, b bool, a array of strings, n services, e error, p results, r
+// any), or sometimes of another kind.
+func (g *jsonGen) value(kind byte) {
+	if g.next(6) == 0 {
+		kind = "ifskbanepr"[g.next(10)]
+	}
+	if g.depth > 4 {
+		kind = 'i'
+	}
+	g.depth++
+	defer func() { g.depth-- }()
+	switch kind {
+	case 'i':
+		g.pick("1", "0", "-0", "2", "300", "1795704214459", "9223372036854775807", "9223372036854775808",
+			"-9223372036854775808", "999999999999999999", "1.0", "1e3", "-1", "null", "01", "2147483648")
+	case 'f':
+		g.pick("0.5", "0", "-0", "1", "0.25", "1e-7", "1E21", "1e400", "-1.5e-3", "null", "123456789.125", "1.")
+	case 's':
+		g.pick(`"/a/b"`, `""`, `"mapper-1"`, `"a\"b\\c\/d"`, `"\u00e9\u2028\ud83d\ude00"`, `"\ud800x"`,
+			"\"\xff\xc3 \xed\xa0\x80\"", `"<&>"`, `"\b\f\n\r\t"`, `null`, "\"a\x01\"", `"\x"`, `"AAECAw=="`, `"AAEC\nAw=="`, `"AAE"`)
+	case 'k':
+		g.pick(`"request"`, `"push"`, `"result"`, `"intermediate"`, `"register"`, `"unregister"`, `"heartbeat"`,
+			`"advertise"`, `"zap"`, `"\u0072esult"`, `null`)
+	case 'b':
+		g.pick("true", "false", "null", "tru", `"true"`)
+	case 'a':
+		g.array('s')
+	case 'n':
+		g.array('o')
+	case 'e':
+		g.object()
+	case 'p':
+		g.array('o')
+	case 'o':
+		g.object()
+	default: // any JSON, as payloads are
+		switch g.next(4) {
+		case 0:
+			g.array('r')
+		case 1:
+			g.object()
+		default:
+			g.value("ifsb"[g.next(4)])
+		}
+	}
+}
+
+func (g *jsonGen) array(elem byte) {
+	if g.next(8) == 0 {
+		g.out = append(g.out, "null"...)
+		return
+	}
+	g.out = append(g.out, '[')
+	for i := range g.next(4) {
+		if i > 0 {
+			g.out = append(g.out, ',')
+		}
+		g.space()
+		if g.next(12) == 0 {
+			g.out = append(g.out, "null"...)
+		} else {
+			g.value(elem)
+		}
+		g.space()
+	}
+	g.out = append(g.out, ']')
+}
+
+func (g *jsonGen) object() {
+	if g.next(8) == 0 {
+		g.out = append(g.out, "null"...)
+		return
+	}
+	g.out = append(g.out, '{')
+	for i := range g.next(4) {
+		if i > 0 {
+			g.out = append(g.out, ',')
+		}
+		g.space()
+		k := genNested[g.next(len(genNested))]
+		g.out = append(append(append(g.out, '"'), k...), '"', ':')
+		g.space()
+		switch k {
+		case "idempotent":
+			g.value('b')
+		case "payload", "zz":
+			g.value('r')
+		case "error":
+			g.value('e')
+		default:
+			g.value('s')
+		}
+	}
+	g.out = append(g.out, '}')
+}
+
 // FuzzCodecEncode compares the encoding of packets built from arbitrary
 // values with encoding/json's, and decodes them back.
 func FuzzCodecEncode(f *testing.F) {
-	f.Add("request", "/a/b", "mapper-1", "tok", "reply", "least_loaded", "a,b", []byte(`{"x":1}`), int64(1795704214459), 0, false, true, 0.5, false, "", "", []byte(nil), "/x/y")
-	f.Add("result", "", "agent<&>", "t\u2028", "", "", "", []byte(`"v"`), int64(0), 3, true, false, 1e21, true, "code", "msg\xff", []byte(` [ 1 , "<" ] `), "")
-	f.Add("register", "", "a", "", "", "", "", []byte(nil), int64(-5), -1, false, true, 1e-7, true, "", "", []byte(nil), "/a/b,/c/d")
+	f.Add("request", "/a/b", "mapper-1", "tok", "reply", "least_loaded", "a,b", []byte(`{"x":1}`), int64(1795704214459), 0, false, true, 0.5, false, "", "", []byte(nil), "/x/y", "", []byte(nil), []byte(nil))
+	f.Add("result", "", "agent<&>", "t\u2028", "", "", "", []byte(`"v"`), int64(0), 3, true, false, 1e21, true, "code", "msg\xff", []byte(` [ 1 , "<" ] `), "", "agent-1", []byte("\x00\x01sealed"), []byte(`{"sig": "<x>"}`))
+	f.Add("register", "", "a", "", "", "", "", []byte(nil), int64(-5), -1, false, true, 1e-7, true, "", "", []byte(nil), "/a/b,/c/d", "", []byte{}, []byte{})
 	f.Fuzz(func(t *testing.T, kind, typ, from, token, replyTo, selector, tags string, payload []byte, deadline int64,
-		attempt int, persistent, hasStatus bool, status float64, hasError bool, code, message string, result []byte, services string) {
+		attempt int, persistent, hasStatus bool, status float64, hasError bool, code, message string, result []byte, services string,
+		to string, sealed, origin []byte) {
 		p := &Packet{Kind: Kind(kind), Type: typ, From: from, Token: token, ReplyTo: replyTo, Selector: selector,
 			Target: typ, TagMatch: selector, Persistent: persistent, Failsafe: hasError, Deadline: deadline,
 			Attempt: attempt, Key: message, Identity: from, Queue: replyTo, InFlight: -attempt,
-			Interval: -deadline, AgentVer: code, SentAtUnix: deadline / 3}
+			Interval: -deadline, AgentVer: code, SentAtUnix: deadline / 3, To: to, Sealed: sealed, Origin: origin}
 		if payload != nil {
 			p.Payload = payload
 		}

@@ -104,7 +104,7 @@ func marshalPayload(v any) (json.RawMessage, error) {
 		if len(x) == 0 {
 			return nil, nil
 		}
-		if !json.Valid(x) {
+		if !validJSON(x) {
 			return nil, fmt.Errorf("nanite: payload is not valid JSON")
 		}
 		return x, nil
