@@ -111,6 +111,9 @@ vhost is one cluster.
 		NewCmdAgents(f, nil),
 		NewCmdVersion(f, nil),
 		NewCmdDev(f, nil),
+		NewCmdXMPPAgent(f, nil),
+		NewCmdCall(f, nil),
+		NewCmdDirectory(f, nil),
 		NewCmdVhost(f, nil),
 		NewCmdPKI(f),
 		NewCmdPolicy(f, nil),
@@ -119,6 +122,7 @@ vhost is one cluster.
 	// per line. (bench.go registers newBenchCmd here.)
 	for _, newCmd := range []func() *cobra.Command{
 		newBenchCmd,
+		newBenchXMPPCmd,
 	} {
 		root.AddCommand(newCmd())
 	}

@@ -1,0 +1,170 @@
+package vertebra
+
+import (
+	"bytes"
+	"encoding/json"
+	"encoding/xml"
+	"errors"
+	"io"
+	"reflect"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/nanite-go/nanite/vertebra/values"
+)
+
+// encodeElement renders an element as XML text.
+func encodeElement(t testing.TB, el *Element) []byte {
+	t.Helper()
+	toks, err := el.AppendTokens(nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var b bytes.Buffer
+	e := xml.NewEncoder(&b)
+	for _, tk := range toks {
+		if err := e.EncodeToken(tk); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := e.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// decodeElement parses the XML text of one element.
+func decodeElement(data []byte, lim values.Limits) (*Element, error) {
+	d := xml.NewDecoder(bytes.NewReader(data))
+	for {
+		tok, err := d.Token()
+		if err != nil {
+			return nil, badRequest("no element: %v", err)
+		}
+		if st, ok := tok.(xml.StartElement); ok {
+			return DecodeElement(d, st, lim)
+		}
+	}
+}
+
+func TestElementRoundTrip(t *testing.T) {
+	at := time.Date(2026, 1, 2, 3, 4, 5, 600, time.UTC)
+	for _, el := range []*Element{
+		{Kind: KindOp, Token: "T", Type: "/echo/say", Scope: ScopeDirect, Payload: json.RawMessage(`{"a":1,"b":["x",null]}`),
+			Meta: Meta{Timeout: 1500 * time.Millisecond, RequestID: "r-1", Selector: "least_loaded", Tags: []string{"eu", "web"},
+				Hops:      []Hop{{By: "nanite.site-a.test", At: at}, {By: "nanite.site-b.test"}},
+				Signature: []byte{0, 1, 2, 255}, Certificate: []byte("-----BEGIN CERTIFICATE-----")}},
+		{Kind: KindOp, Token: "T", Type: "/x/y"},
+		{Kind: KindAck, Token: "T:S", Meta: Meta{Seq: 1}},
+		{Kind: KindData, Token: "T:S", Payload: json.RawMessage(`"v"`), Meta: Meta{Seq: 2, Intermediate: true, Key: "progress"}},
+		{Kind: KindData, Token: "T:S", Payload: json.RawMessage(`{"k":""}`), Meta: Meta{Seq: 3, Intermediate: true}},
+		{Kind: KindData, Token: "T:S", Payload: json.RawMessage(`[]`), Meta: Meta{Seq: 4}},
+		{Kind: KindFinal, Token: "T:S"},
+		{Kind: KindNack, Token: "T:S", Payload: errorPayload(CodeUnauthorized, "no")},
+		{Kind: KindError, Token: "T:S", Payload: errorPayload(CodeHandler, "boom <&>")},
+	} {
+		x := encodeElement(t, el)
+		got, err := decodeElement(x, values.Limits{})
+		if err != nil {
+			t.Fatalf("%s: %v", x, err)
+		}
+		if !reflect.DeepEqual(got, el) {
+			t.Errorf("%s:\n got %+v\nwant %+v", x, got, el)
+		}
+	}
+}
+
+func TestElementWire(t *testing.T) {
+	el := &Element{Kind: KindOp, Token: "T", Type: "/echo/say", Payload: json.RawMessage(`{"n":1}`),
+		Meta: Meta{Timeout: 2 * time.Second, Tags: []string{"eu"}}}
+	want := `<op xmlns="http://xmlschema.engineyard.com/agent/api" token="T" type="/echo/say">` +
+		`<i4 name="n">1</i4><meta xmlns="urn:nanite:op:0" deadline-ms="2000"><tag>eu</tag></meta></op>`
+	if got := string(encodeElement(t, el)); got != want {
+		t.Errorf("got  %s\nwant %s", got, want)
+	}
+}
+
+func TestParseErrorBody(t *testing.T) {
+	for in, want := range map[string]ErrorBody{
+		`{"code":"c","message":"m"}`: {Code: "c", Message: "m"},
+		`"just text"`:                {Message: "just text"},
+		`{"reason":"r"}`:             {Message: "r"},
+		`[1]`:                        {Message: "[1]"},
+		``:                           {},
+	} {
+		if got := parseErrorBody(json.RawMessage(in)); got != want {
+			t.Errorf("%s: %+v, want %+v", in, got, want)
+		}
+	}
+}
+
+var fuzzElementLimits = values.Limits{MaxDepth: 16, MaxBytes: 1 << 16, MaxValues: 1024}
+
+// FuzzDecodeElement: seed corpus in testdata/fuzz/FuzzDecodeElement.
+func FuzzDecodeElement(f *testing.F) {
+	ns := ` xmlns="` + NS + `"`
+	for _, s := range []string{
+		`<op` + ns + ` token="T" type="/a/b"><string name="x">y</string><meta xmlns="urn:nanite:op:0" deadline-ms="100" request-id="r"><tag>t</tag><hop by="a" at="2026-01-02T03:04:05Z"/><signature>AAE=</signature></meta></op>`,
+		`<data` + ns + ` token="T:S"><list><i4>1</i4></list><meta xmlns="urn:nanite:op:0" seq="2" key="k"/></data>`,
+		`<result` + ns + ` token="T:S"><struct name="r"/></result>`,
+		`<error` + ns + ` token="T:S"><string name="message">m</string></error>`,
+		`<op` + ns + ` token="T" type="/a/b"><unknown/></op>`,
+		`<op` + ns + ` token="T"/>`,
+		`<nack` + ns + `/>`,
+		`<op` + ns + ` token="T" type="/a/b"><meta xmlns="urn:nanite:op:0" seq="0"/></op>`,
+	} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, data []byte) {
+		el, err := decodeElement(data, fuzzElementLimits)
+		if err != nil {
+			if !errors.Is(err, ErrBadRequest) {
+				t.Fatalf("error does not wrap ErrBadRequest: %v", err)
+			}
+			return
+		}
+		// What decodes re-encodes and decodes to the same element, except
+		// for fields that are normalised (empty Signature vs nil).
+		x, err := encodeTry(el)
+		if err != nil {
+			t.Fatalf("re-encode %+v: %v", el, err)
+		}
+		el2, err := decodeElement(x, fuzzElementLimits)
+		if err != nil {
+			t.Fatalf("decode of re-encoded %s: %v", x, err)
+		}
+		x2, err := encodeTry(el2)
+		if err != nil || !bytes.Equal(x, x2) {
+			t.Fatalf("not a fixed point:\n%s\n%s", x, x2)
+		}
+	})
+}
+
+func encodeTry(el *Element) ([]byte, error) {
+	toks, err := el.AppendTokens(nil)
+	if err != nil {
+		return nil, err
+	}
+	var b bytes.Buffer
+	e := xml.NewEncoder(&b)
+	for _, tk := range toks {
+		if err := e.EncodeToken(tk); err != nil {
+			return nil, err
+		}
+	}
+	if err := e.Flush(); err != nil {
+		return nil, err
+	}
+	return b.Bytes(), nil
+}
+
+func TestDecodeElementTruncated(t *testing.T) {
+	x := `<op xmlns="` + NS + `" token="T" type="/a/b"><string name="x">y</string>`
+	d := xml.NewDecoder(strings.NewReader(x))
+	tok, _ := d.Token()
+	_, err := DecodeElement(d, tok.(xml.StartElement), values.Limits{})
+	if !errors.Is(err, ErrBadRequest) || errors.Is(err, io.EOF) && !strings.Contains(err.Error(), "EOF") {
+		t.Errorf("truncated: %v", err)
+	}
+}

@@ -1,0 +1,475 @@
+package vertebra
+
+import (
+	"context"
+	"encoding/json"
+	"encoding/xml"
+	"errors"
+	"fmt"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"mellium.im/xmlstream"
+	"mellium.im/xmpp/jid"
+	"mellium.im/xmpp/stanza"
+)
+
+// Request is an op received by an endpoint.
+type Request struct {
+	From    jid.JID // the caller, as authenticated by its server
+	To      jid.JID // the address the op was sent to (a component serves many)
+	ID      string  // the IQ id of the op
+	Token   string  // T:S, the op's token once echoed
+	Type    string  // the operation, "/actor/method"
+	Scope   string
+	Payload json.RawMessage // the arguments as JSON; nil when there are none
+	Meta    Meta
+	// Deadline is when the op ends: the time the caller said it had left
+	// (or Config.DefaultTimeout), counted from its arrival. The handler's
+	// context ends then.
+	Deadline time.Time
+}
+
+// OpHandler serves ops. ServeOp runs in its own goroutine; it answers
+// through w (Ack, Intermediate, Data, Final, Nack, Fail). When it returns
+// without having ended the op, the endpoint ends it: with final when it
+// returned nil, otherwise with a nack (if not yet acked) or an error whose
+// code is the error's ErrorCode() when it has one (see Error), else
+// handler_error.
+type OpHandler interface {
+	ServeOp(ctx context.Context, req *Request, w *Reply) error
+}
+
+// OpHandlerFunc adapts a function to OpHandler.
+type OpHandlerFunc func(ctx context.Context, req *Request, w *Reply) error
+
+// ServeOp calls f.
+func (f OpHandlerFunc) ServeOp(ctx context.Context, req *Request, w *Reply) error {
+	return f(ctx, req, w)
+}
+
+type opKey struct{ from, token string }
+
+// served is an incoming op.
+type served struct {
+	key    opKey
+	req    Request
+	local  jid.JID // the op's to: the from of everything we send about it
+	ctx    context.Context
+	cancel context.CancelFunc
+	batch  bool // the caller accepts batches
+
+	// echoMu guards the echo: a component holds it back (echoHeld) to
+	// send the op's first stanzas in it; echoToks is the payload sent, for
+	// duplicates of the op.
+	echoMu   sync.Mutex
+	echoHeld bool
+	echoToks []xml.Token
+
+	// guarded by Endpoint.mu
+	done    bool
+	expires time.Time
+}
+
+// echoPayload returns the payload to answer a duplicate of the op with.
+func (s *served) echoPayload() []xml.Token {
+	s.echoMu.Lock()
+	defer s.echoMu.Unlock()
+	if s.echoToks == nil {
+		return s.echo()
+	}
+	return s.echoToks
+}
+
+func (s *served) echo() []xml.Token {
+	name := xml.Name{Space: NS, Local: string(KindOp)}
+	return []xml.Token{
+		xml.StartElement{Name: name, Attr: []xml.Attr{
+			{Name: xml.Name{Local: "token"}, Value: s.req.Token},
+			{Name: xml.Name{Local: "type"}, Value: s.req.Type},
+		}},
+		xml.EndElement{Name: name},
+	}
+}
+
+func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEncoder) error {
+	key := opKey{from: iq.From.String(), token: el.Token}
+	now := time.Now()
+	e.mu.Lock()
+	if s := e.served[key]; s != nil {
+		e.mu.Unlock()
+		e.stats.dupOps.Add(1)
+		e.log.Debug("vertebra: duplicate op", "from", iq.From, "token", el.Token)
+		s.echoMu.Lock()
+		defer s.echoMu.Unlock()
+		if s.echoHeld {
+			// Still held: answer now; the stanzas go as IQ-sets.
+			s.echoHeld = false
+			return writeIQResult(t, iq, s.echo())
+		}
+		if s.echoToks != nil {
+			return writeIQResult(t, iq, s.echoToks)
+		}
+		return writeIQResult(t, iq, s.echo())
+	}
+	if e.ctx.Err() != nil {
+		e.mu.Unlock()
+		return writeIQError(t, iq, stanza.Cancel, stanza.ServiceUnavailable, "shutting down")
+	}
+	e.sweepLocked(now)
+	if e.running.Load() >= int64(e.cfg.MaxOps) {
+		e.mu.Unlock()
+		return writeIQError(t, iq, stanza.Wait, stanza.ResourceConstraint, "too many ops in progress")
+	}
+	e.running.Add(1)
+	timeout := el.Meta.Timeout
+	if timeout <= 0 {
+		timeout = e.cfg.DefaultTimeout
+	}
+	timeout = min(timeout, e.cfg.MaxTimeout)
+	s := &served{
+		key: key,
+		req: Request{
+			From: iq.From, To: iq.To, ID: iq.ID, Token: el.Token + ":" + newID(), Type: el.Type,
+			Scope: el.Scope, Payload: el.Payload, Meta: el.Meta, Deadline: now.Add(timeout),
+		},
+		local: iq.To,
+		batch: el.Meta.Batch && e.cfg.Hold > 0,
+	}
+	// A component may answer an IQ later (a client's session answers one
+	// left unanswered with an error at once): hold the echo back to send
+	// the op's first stanzas, often all of them, in it.
+	s.echoHeld = s.batch && e.component.Load()
+	s.ctx, s.cancel = context.WithDeadline(e.ctx, s.req.Deadline)
+	e.served[key] = s
+	e.mu.Unlock()
+	if !s.echoHeld {
+		if err := writeIQResult(t, iq, s.echo()); err != nil {
+			s.cancel()
+			e.running.Add(-1)
+			e.mu.Lock()
+			delete(e.served, key)
+			e.mu.Unlock()
+			return err
+		}
+	}
+	e.stats.served.Add(1)
+	go e.runOp(s)
+	return nil
+}
+
+func (e *Endpoint) runOp(s *served) {
+	defer s.cancel()
+	w := &Reply{e: e, s: s, window: make(chan struct{}, e.cfg.Window)}
+	if s.echoHeld {
+		w.mu.Lock()
+		w.armLocked() // the echo leaves within Hold whatever the handler does
+		w.mu.Unlock()
+	}
+	err := e.serveOp(s, w)
+	w.finish(err)
+	w.mu.Lock()
+	w.closed = true // nothing more leaves (a held echo of an abandoned op stays unsent)
+	if w.timer != nil {
+		w.timer.Stop()
+		w.timer = nil
+	}
+	w.mu.Unlock()
+	w.wg.Wait()
+	e.running.Add(-1)
+	e.mu.Lock()
+	s.done = true
+	s.expires = time.Now().Add(e.cfg.Linger)
+	if d := s.req.Deadline.Add(e.cfg.Linger); d.After(s.expires) {
+		s.expires = d
+	}
+	// Keep what a duplicate needs (token, type, echo), not the rest.
+	s.req.Payload, s.req.Meta = nil, Meta{}
+	e.finished = append(e.finished, s.key)
+	e.mu.Unlock()
+}
+
+func (e *Endpoint) serveOp(s *served, w *Reply) (err error) {
+	defer func() {
+		if r := recover(); r != nil {
+			err = &Error{Code: CodeInternal, Message: fmt.Sprintf("op handler panicked: %v", r)}
+		}
+	}()
+	if e.cfg.Handler == nil {
+		return &Error{Code: CodeUnknown, Message: "no ops are served here"}
+	}
+	return e.cfg.Handler.ServeOp(s.ctx, &s.req, w)
+}
+
+// Reply answers one op. Its methods send the responder's stanzas in order,
+// without waiting for each confirmation (up to Config.Window unconfirmed);
+// unconfirmed ones are sent again until the op's deadline. They return
+// ErrAbandoned (wrapped) once the caller is known to be gone or the
+// deadline passed. They are safe for concurrent use, but the order of
+// concurrent calls is undefined.
+type Reply struct {
+	e      *Endpoint
+	s      *served
+	window chan struct{}
+	wg     sync.WaitGroup
+
+	mu     sync.Mutex
+	seq    int
+	acked  bool
+	ended  bool
+	held   []*Element  // waiting to go in one batch
+	timer  *time.Timer // flushes held after Config.Hold
+	closed bool        // the op is over: send nothing more
+
+	abandoned atomic.Pointer[error]
+}
+
+// errEnded: a stanza after final, error or nack.
+var errEnded = errors.New("vertebra: op already ended")
+
+// Acked reports whether the op was acknowledged.
+func (w *Reply) Acked() bool {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.acked
+}
+
+// Ack accepts the op. Data, Intermediate, Final and Fail ack first if
+// needed.
+func (w *Reply) Ack(ctx context.Context) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	return w.ackLocked(ctx)
+}
+
+func (w *Reply) ackLocked(ctx context.Context) error {
+	if w.ended {
+		return errEnded
+	}
+	if w.acked {
+		return nil
+	}
+	w.acked = true
+	return w.sendLocked(ctx, &Element{Kind: KindAck})
+}
+
+// Nack refuses the op (before it was acked; after, it fails it).
+func (w *Reply) Nack(ctx context.Context, code, message string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.ended {
+		return errEnded
+	}
+	kind := KindNack
+	if w.acked {
+		kind = KindError
+	}
+	w.ended = true
+	return w.sendLocked(ctx, &Element{Kind: kind, Payload: errorPayload(code, message)})
+}
+
+// Intermediate sends an intermediate result (a data marked with its key).
+func (w *Reply) Intermediate(ctx context.Context, key string, payload json.RawMessage) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.ackLocked(ctx); err != nil {
+		return err
+	}
+	return w.sendLocked(ctx, &Element{Kind: KindData, Payload: payload, Meta: Meta{Intermediate: true, Key: key}})
+}
+
+// Data sends a result. An op may have several.
+func (w *Reply) Data(ctx context.Context, payload json.RawMessage) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.ackLocked(ctx); err != nil {
+		return err
+	}
+	return w.sendLocked(ctx, &Element{Kind: KindData, Payload: payload})
+}
+
+// Final ends the op successfully.
+func (w *Reply) Final(ctx context.Context) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.ackLocked(ctx); err != nil {
+		return err
+	}
+	w.ended = true
+	return w.sendLocked(ctx, &Element{Kind: KindFinal})
+}
+
+// Fail ends the op with an error (acking it first if needed; use Nack to
+// refuse it).
+func (w *Reply) Fail(ctx context.Context, code, message string) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.ackLocked(ctx); err != nil {
+		return err
+	}
+	w.ended = true
+	return w.sendLocked(ctx, &Element{Kind: KindError, Payload: errorPayload(code, message)})
+}
+
+func (w *Reply) abandon(err error) {
+	err = fmt.Errorf("%w: %w", ErrAbandoned, err)
+	if w.abandoned.CompareAndSwap(nil, &err) {
+		w.e.log.Debug("vertebra: op abandoned", "token", w.s.req.Token, "err", err)
+		w.s.cancel()
+	}
+}
+
+func (w *Reply) sendLocked(ctx context.Context, el *Element) error {
+	if p := w.abandoned.Load(); p != nil {
+		return *p
+	}
+	if err := w.s.ctx.Err(); err != nil {
+		w.abandon(context.Cause(w.s.ctx))
+		return *w.abandoned.Load()
+	}
+	if w.closed {
+		return errEnded
+	}
+	el.Token = w.s.req.Token
+	el.Meta.Seq = w.seq + 1
+	if _, err := el.AppendTokens(nil); err != nil {
+		return fmt.Errorf("vertebra: %s of %s: %w", el.Kind, w.s.req.Type, err)
+	}
+	w.seq++
+	if !w.s.batch {
+		return w.transmitLocked(ctx, []*Element{el})
+	}
+	w.held = append(w.held, el)
+	switch el.Kind {
+	case KindFinal, KindError, KindNack:
+		return w.flushLocked(ctx)
+	}
+	if len(w.held) >= MaxBatch {
+		return w.flushLocked(ctx)
+	}
+	w.armLocked()
+	return nil
+}
+
+// armLocked makes sure held stanzas (and a held echo) leave within Hold.
+func (w *Reply) armLocked() {
+	if w.timer != nil {
+		return
+	}
+	w.timer = time.AfterFunc(w.e.cfg.Hold, func() {
+		w.mu.Lock()
+		defer w.mu.Unlock()
+		w.timer = nil
+		if err := w.flushLocked(w.s.ctx); err != nil {
+			w.e.log.Debug("vertebra: flush", "token", w.s.req.Token, "err", err)
+		}
+	})
+}
+
+// flushLocked sends the held stanzas: in the op's echo when it is still
+// held, else as one IQ-set.
+func (w *Reply) flushLocked(ctx context.Context) error {
+	if w.timer != nil {
+		w.timer.Stop()
+		w.timer = nil
+	}
+	els := w.held
+	w.held = nil
+	if w.closed {
+		return nil
+	}
+	s := w.s
+	s.echoMu.Lock()
+	if s.echoHeld {
+		s.echoHeld = false
+		echo := s.echo()
+		toks := echo
+		if len(els) > 0 {
+			var err error
+			op := &Element{Kind: KindOp, Token: s.req.Token, Type: s.req.Type}
+			if toks, err = AppendBatch(nil, append([]*Element{op}, els...)); err != nil {
+				toks = echo // cannot happen: the elements were checked
+			}
+		}
+		s.echoToks = toks
+		s.echoMu.Unlock()
+		iq := stanza.IQ{ID: s.req.ID, Type: stanza.ResultIQ, From: s.local, To: s.req.From}
+		r := iq.Wrap(&tokenSlice{toks: toks})
+		all, err := xmlstream.ReadAll(r)
+		if err == nil {
+			// A lost echo is not sent again: the caller sends the op again
+			// and gets echoToks.
+			err = w.e.write(s.ctx, all)
+		}
+		if err != nil {
+			w.e.log.Debug("vertebra: echo", "token", s.req.Token, "err", err)
+		}
+		return nil
+	}
+	s.echoMu.Unlock()
+	if len(els) == 0 {
+		return nil
+	}
+	return w.transmitLocked(ctx, els)
+}
+
+// transmitLocked sends els (one element, or a batch) as an IQ-set and
+// waits for its confirmation in a goroutine, sending it again as needed.
+func (w *Reply) transmitLocked(ctx context.Context, els []*Element) error {
+	var toks []xml.Token
+	var err error
+	if len(els) == 1 {
+		toks, err = els[0].AppendTokens(nil)
+	} else {
+		toks, err = AppendBatch(nil, els)
+	}
+	if err != nil {
+		return err
+	}
+	select {
+	case w.window <- struct{}{}:
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-w.s.ctx.Done():
+		w.abandon(context.Cause(w.s.ctx))
+		return *w.abandoned.Load()
+	}
+	id := newID()
+	full := iqTokens(id, w.s.local, w.s.req.From, toks)
+	p := w.e.start(w.s.ctx, w.s.req.From, id, func() []xml.Token { return full })
+	w.wg.Add(1)
+	go func() {
+		defer w.wg.Done()
+		_, err := w.e.wait(w.s.ctx, p, true)
+		<-w.window
+		if err != nil {
+			w.abandon(err)
+		}
+	}()
+	return nil
+}
+
+// finish ends the op if the handler did not.
+func (w *Reply) finish(herr error) {
+	w.mu.Lock()
+	ended := w.ended
+	w.mu.Unlock()
+	if ended || w.abandoned.Load() != nil {
+		return
+	}
+	ctx := w.s.ctx
+	if herr == nil {
+		_ = w.Final(ctx)
+		return
+	}
+	if errors.Is(herr, ErrAbandoned) {
+		return
+	}
+	code := codeOf(herr, CodeHandler)
+	if !w.Acked() {
+		_ = w.Nack(ctx, code, messageOf(herr))
+		return
+	}
+	_ = w.Fail(ctx, code, messageOf(herr))
+}
