@@ -50,6 +50,14 @@ func (e *RemoteError) Error() string {
 	return fmt.Sprintf("nanite: agent %s: %s: %s", e.Agent, e.Code, e.Message)
 }
 
+// ErrorCode is the wire code (one of the Code* constants); with
+// ErrorMessage it lets other transports (vertebra's XMPP ops) carry the
+// error without importing this package.
+func (e *RemoteError) ErrorCode() string { return e.Code }
+
+// ErrorMessage is the error's message without the agent prefix.
+func (e *RemoteError) ErrorMessage() string { return e.Message }
+
 // Is matches ErrRemote, and the sentinels that correspond to the wire codes
 // (ErrNoAgent, ErrNotDelivered, ErrAgentLost, ErrTimeout, ErrTooLarge).
 func (e *RemoteError) Is(target error) bool {
