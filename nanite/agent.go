@@ -589,17 +589,25 @@ func (a *Agent) call(ctx context.Context, m *Method, req *Request) (res any, ebo
 // for duplicates, and only then acknowledges the delivery.
 func (a *Agent) finish(d *delivery, p *Packet, sealTo security.SealKey, payload json.RawMessage, ebody *ErrorBody) {
 	var body []byte
-	if p.Kind == KindRequest && p.ReplyTo != "" {
-		body = a.reply(p, sealTo, payload, ebody)
+	answer := p.Kind == KindRequest && p.ReplyTo != ""
+	if answer {
+		body = a.buildReply(p, sealTo, payload, ebody)
 	}
+	// Remember the answer before sending it, so that a copy arriving the
+	// moment after the requester got it is answered from the cache.
+	var waiters []string
 	if p.Token != "" {
-		for _, replyTo := range a.dedupe.done(p.Token, body) {
-			// Copies that arrived while it ran, from another requester
-			// (a mapper daemon that took over a relay), get the answer too.
-			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-			_ = a.link.publish(ctx, message{Key: replyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult)})
-			cancel()
-		}
+		waiters = a.dedupe.done(p.Token, body)
+	}
+	if answer && body != nil {
+		a.sendReply(p, body)
+	}
+	for _, replyTo := range waiters {
+		// Copies that arrived while it ran, from another requester
+		// (a mapper daemon that took over a relay), get the answer too.
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		_ = a.link.publish(ctx, message{Key: replyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult)})
+		cancel()
 	}
 	if err := d.Ack(); err != nil {
 		a.log.Warn("ack failed; the broker will redeliver and the duplicate will be answered from cache", "token", p.Token, "err", err)
@@ -609,6 +617,15 @@ func (a *Agent) finish(d *delivery, p *Packet, sealTo security.SealKey, payload 
 // reply answers a request: signed in secure mode, sealed to sealTo when the
 // request was sealed.
 func (a *Agent) reply(p *Packet, sealTo security.SealKey, payload json.RawMessage, ebody *ErrorBody) []byte {
+	body := a.buildReply(p, sealTo, payload, ebody)
+	if body != nil {
+		a.sendReply(p, body)
+	}
+	return body
+}
+
+// buildReply encodes (and in secure mode seals and signs) an answer.
+func (a *Agent) buildReply(p *Packet, sealTo security.SealKey, payload json.RawMessage, ebody *ErrorBody) []byte {
 	rp := &Packet{Kind: KindResult, Token: p.Token, From: a.id, Payload: payload, Error: ebody}
 	var err error
 	if !sealTo.IsZero() && len(payload) > 0 {
@@ -626,6 +643,11 @@ func (a *Agent) reply(p *Packet, sealTo security.SealKey, payload json.RawMessag
 		a.log.Error("encode result", "err", err)
 		return nil
 	}
+	return body
+}
+
+// sendReply publishes an answer to the request's reply queue.
+func (a *Agent) sendReply(p *Packet, body []byte) {
 	// The requester stops waiting at its deadline; a little slack lets an
 	// answer that raced the deadline still reach it. The answer to a
 	// persistent request is persistent too, so a broker restart between
@@ -637,7 +659,6 @@ func (a *Agent) reply(p *Packet, sealTo security.SealKey, payload json.RawMessag
 	if err := a.link.publishBy(until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
 		a.log.Warn("could not send result", "token", p.Token, "err", err)
 	}
-	return body
 }
 
 // handleReply receives answers to requests the agent made itself.
