@@ -2,6 +2,7 @@ package nanite
 
 import (
 	"container/heap"
+	"iter"
 	"math/rand/v2"
 	"slices"
 	"sort"
@@ -99,11 +100,13 @@ func score(e *agentEntry, weight float64) float64 {
 type registry struct {
 	agents   map[string]*agentEntry
 	services map[string]*serviceSet
+	byTag    map[string]map[*agentEntry]struct{} // agents carrying each tag
 	weight   float64
 }
 
 func newRegistry(weight float64) *registry {
-	return &registry{agents: map[string]*agentEntry{}, services: map[string]*serviceSet{}, weight: weight}
+	return &registry{agents: map[string]*agentEntry{}, services: map[string]*serviceSet{},
+		byTag: map[string]map[*agentEntry]struct{}{}, weight: weight}
 }
 
 // upsert records a registration, replacing what was known of the agent. It
@@ -126,6 +129,10 @@ func (r *registry) upsert(s AgentState, now time.Time) bool {
 	e := &agentEntry{AgentState: s, tags: map[string]struct{}{}, idem: map[string]bool{}, member: map[string]*membership{}}
 	for _, t := range s.Tags {
 		e.tags[t] = struct{}{}
+		if r.byTag[t] == nil {
+			r.byTag[t] = map[*agentEntry]struct{}{}
+		}
+		r.byTag[t][e] = struct{}{}
 	}
 	for _, svc := range s.Services {
 		if _, dup := e.member[svc.Name]; dup {
@@ -153,6 +160,12 @@ func (r *registry) remove(id string) *agentEntry {
 		return nil
 	}
 	delete(r.agents, id)
+	for t := range e.tags {
+		delete(r.byTag[t], e)
+		if len(r.byTag[t]) == 0 {
+			delete(r.byTag, t)
+		}
+	}
 	for svc, m := range e.member {
 		set := r.services[svc]
 		last := len(set.list) - 1
@@ -260,12 +273,15 @@ func (r *registry) pick(service string, o *requestOptions, exclude map[string]bo
 	if set == nil || len(set.list) == 0 {
 		return nil
 	}
-	ok := func(e *agentEntry) bool { return !exclude[e.Identity] && e.hasTags(o.tags, o.tagMatch) }
+	ok := func(e *agentEntry) bool {
+		return e.member[service] != nil && !exclude[e.Identity] && e.hasTags(o.tags, o.tagMatch)
+	}
 	filtered := len(o.tags) > 0 || len(exclude) > 0
+	cands := r.candidates(set, o)
 	switch o.selector {
 	case SelectAll:
 		out := make([]*agentEntry, 0, len(set.list))
-		for _, e := range set.list {
+		for e := range cands {
 			if ok(e) {
 				out = append(out, e)
 			}
@@ -275,12 +291,13 @@ func (r *registry) pick(service string, o *requestOptions, exclude map[string]bo
 		if !filtered {
 			return []*agentEntry{set.list[rand.IntN(len(set.list))]}
 		}
-		var cands []*agentEntry
-		for _, e := range set.list {
+		var cands2 []*agentEntry
+		for e := range cands {
 			if ok(e) {
-				cands = append(cands, e)
+				cands2 = append(cands2, e)
 			}
 		}
+		cands := cands2
 		if len(cands) == 0 {
 			return nil
 		}
@@ -300,7 +317,7 @@ func (r *registry) pick(service string, o *requestOptions, exclude map[string]bo
 			return []*agentEntry{set.heap.items[0]}
 		}
 		var best *agentEntry
-		for _, e := range set.list {
+		for e := range cands {
 			if ok(e) && (best == nil || score(e, r.weight) < score(best, r.weight)) {
 				best = e
 			}
@@ -309,6 +326,63 @@ func (r *registry) pick(service string, o *requestOptions, exclude map[string]bo
 			return nil
 		}
 		return []*agentEntry{best}
+	}
+}
+
+// candidates yields a superset of the agents that can match a request, each
+// once: the agents offering the service or, when the request names tags and
+// that is smaller, the agents carrying the rarest of its tags (all-match) or
+// any of them (any-match). Tag-filtered selection thus costs the size of the
+// smallest candidate set, not of the whole service.
+func (r *registry) candidates(set *serviceSet, o *requestOptions) iter.Seq[*agentEntry] {
+	all := func(yield func(*agentEntry) bool) {
+		for _, e := range set.list {
+			if !yield(e) {
+				return
+			}
+		}
+	}
+	if len(o.tags) == 0 {
+		return all
+	}
+	if o.tagMatch == MatchAny {
+		total := 0
+		for _, t := range o.tags {
+			total += len(r.byTag[t])
+		}
+		if total >= len(set.list) {
+			return all
+		}
+		return func(yield func(*agentEntry) bool) {
+			seen := map[*agentEntry]bool{}
+			for _, t := range o.tags {
+				for e := range r.byTag[t] {
+					if seen[e] {
+						continue
+					}
+					seen[e] = true
+					if !yield(e) {
+						return
+					}
+				}
+			}
+		}
+	}
+	var rarest map[*agentEntry]struct{}
+	for i, t := range o.tags {
+		if i == 0 || len(r.byTag[t]) < len(rarest) {
+			rarest = r.byTag[t]
+		}
+	}
+	if len(rarest) >= len(set.list) {
+		return all
+	}
+	return func(yield func(*agentEntry) bool) {
+		for e := range rarest {
+			if !yield(e) {
+				return
+			}
+		}
 	}
 }
 

@@ -149,3 +149,45 @@ func FuzzDecodePacket(f *testing.F) {
 		}
 	})
 }
+
+// The tag index must select exactly the agents a full scan would.
+func TestTagIndexMatchesFullScan(t *testing.T) {
+	r := newRegistry(1)
+	tagsOf := func(i int) []string { return []string{fmt.Sprintf("z%d", i%3), fmt.Sprintf("r%d", i%7), "all"} }
+	for i := range 300 {
+		svcs := []ServiceInfo{{Name: "/s/x"}}
+		if i%2 == 0 {
+			svcs = append(svcs, ServiceInfo{Name: "/s/even"})
+		}
+		r.upsert(AgentState{Identity: fmt.Sprintf("a%d", i), Services: svcs, Tags: tagsOf(i)}, time.Now())
+	}
+	for i := 0; i < 300; i += 11 {
+		r.remove(fmt.Sprintf("a%d", i))
+	}
+	for _, svc := range []string{"/s/x", "/s/even"} {
+		for _, match := range []string{MatchAll, MatchAny} {
+			for _, tags := range [][]string{{"z1"}, {"z1", "r3"}, {"r6", "z0"}, {"all"}, {"nope"}, {"z2", "nope"}} {
+				o := requestOptions{selector: SelectAll, tags: tags, tagMatch: match}
+				got := map[string]bool{}
+				for _, e := range r.pick(svc, &o, nil) {
+					if got[e.Identity] {
+						t.Fatalf("%s %v %s: %s twice", svc, tags, match, e.Identity)
+					}
+					got[e.Identity] = true
+				}
+				want := 0
+				for id, e := range r.agents {
+					if e.member[svc] != nil && e.hasTags(tags, match) {
+						want++
+						if !got[id] {
+							t.Fatalf("%s %v %s: missing %s", svc, tags, match, id)
+						}
+					}
+				}
+				if len(got) != want {
+					t.Fatalf("%s %v %s: %d agents, want %d", svc, tags, match, len(got), want)
+				}
+			}
+		}
+	}
+}
