@@ -18,6 +18,9 @@ type Caller struct {
 	Endpoint  *Endpoint
 	Directory jid.JID // where single and all find JIDs when none are given
 	From      jid.JID // the JID to send from (components); default the endpoint's
+	// Signer, when set, signs every op, separately for each JID it is
+	// sent to (the signature covers the target; see SigningBytes).
+	Signer Signer
 }
 
 // CallRequest is an op to send with a scope.
@@ -87,7 +90,14 @@ func (c *Caller) Call(ctx context.Context, req CallRequest) ([]Outcome, error) {
 	var mu sync.Mutex // serializes OnData
 	one := func(to jid.JID) Outcome {
 		out := Outcome{JID: to}
-		opts := []CallOption{WithMeta(req.Meta), WithScope(scope), OnAck(func(jid.JID) { out.Acked = true })}
+		meta := req.Meta
+		if c.Signer != nil {
+			if out.Err = Sign(ctx, c.Signer, to, req.Op, req.Payload, &meta); out.Err != nil {
+				out.Err = fmt.Errorf("vertebra: sign %s to %s: %w", req.Op, to, out.Err)
+				return out
+			}
+		}
+		opts := []CallOption{WithMeta(meta), WithScope(scope), OnAck(func(jid.JID) { out.Acked = true })}
 		if c.From.String() != "" {
 			opts = append(opts, WithFrom(c.From))
 		}

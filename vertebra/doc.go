@@ -47,7 +47,10 @@
 //     (scatter and gather).
 //   - [Directory], [Advertise], [Discover]: resources with TTL, matched by
 //     ancestors and prefixes.
+//   - [IdentitySigner], [IdentityVerifier], [PolicyAuthorizer]: the
+//     security package's identities, verifier and policy as a Signer, a
+//     Verifier and an Authorizer.
 //
-// This package imports no other nanite package: the bridge and the nanite
-// command join it to the cluster through the Handler interface.
+// Of the other nanite packages it imports only security: the bridge and
+// the nanite command join it to the cluster through the Handler interface.
 package vertebra

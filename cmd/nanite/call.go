@@ -50,6 +50,11 @@ sends it to every one of them and gathers the results.
 
 ` + payloadHelp + `
 
+With --cert and --key (and --ca, which checks them as the agent will),
+every op is signed with that certificate, separately for each JID it is
+sent to: an agent with --policy then authorizes the certificate's name
+and role as well as the JID (docs/xmpp.md).
+
 Intermediate results are printed to stderr as they arrive, as
 "[jid] key: value"; results go to stdout (with several JIDs, "jid: value"
 per line); with --json one document {"op", "results": [{"jid", "data" |
@@ -123,6 +128,17 @@ func callRun(ctx context.Context, opts *CallOptions) error {
 		}
 		to = append(to, j)
 	}
+	var signer vertebra.Signer
+	if s.Secure.Seal {
+		log.Warn("nanite call does not seal payloads over XMPP (--seal ignored): they are signed only")
+	}
+	sec, err := s.Secure.load(secureUse{"nanite call", xmppCallerRoles, false}, log)
+	if err != nil {
+		return err
+	}
+	if sec != nil {
+		signer = vertebra.IdentitySigner{Identity: sec.Identity}
+	}
 	ro := &RequestOptions{IO: opts.IO, Payload: opts.Payload, HasPayload: opts.HasPayload}
 	payload, err := ro.payload()
 	if err != nil {
@@ -149,7 +165,7 @@ func callRun(ctx context.Context, opts *CallOptions) error {
 				fmt.Fprintf(opts.IO.ErrOut, "[%s] %s: %s\n", d.From, d.Key, d.Payload)
 			}
 		}}
-	c := &vertebra.Caller{Endpoint: ep}
+	c := &vertebra.Caller{Endpoint: ep, Signer: signer}
 	if opts.Scope == vertebra.ScopeDirect {
 		req.To = []jid.JID{target}
 	} else {
