@@ -665,14 +665,9 @@ func (a *Agent) sendReply(p *Packet, body []byte) {
 func (a *Agent) handleReply(d *delivery) {
 	var p *Packet
 	if d.DeadLettered {
-		// Our own request, back from the dead-letter exchange: its
-		// envelope was signed by us and has been seen.
-		body := d.Body
-		if env, err := security.ParseEnvelope(d.Body); err == nil {
-			body = env.Body
-		}
 		var err error
-		if p, err = DecodePacket(body, a.cfg.MaxPayload); err != nil {
+		if p, err = a.cfg.Secure.openOwn(d.Body, a.cfg.MaxPayload); err != nil {
+			a.rejects.add(rejectReason(err))
 			return
 		}
 	} else {

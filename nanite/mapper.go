@@ -785,14 +785,9 @@ func (m *Mapper) finishCall(mc *mcall) {
 func (m *Mapper) handleReply(d *delivery) {
 	var p *Packet
 	if d.DeadLettered {
-		// Our own request, back from the dead-letter exchange: its
-		// envelope was signed by us.
-		body := d.Body
-		if env, err := security.ParseEnvelope(d.Body); err == nil {
-			body = env.Body
-		}
 		var err error
-		if p, err = DecodePacket(body, m.cfg.MaxPayload); err != nil {
+		if p, err = m.cfg.Secure.openOwn(d.Body, m.cfg.MaxPayload); err != nil {
+			m.rejects.add(rejectReason(err))
 			return
 		}
 	} else {

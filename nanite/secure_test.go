@@ -310,3 +310,21 @@ func TestSecureRefusals(t *testing.T) {
 		})
 	}
 }
+
+func TestOpenOwnDeadLetter(t *testing.T) {
+	k := newPKI(t)
+	me := k.secure("req-me", security.RoleMapper, nil, false)
+	other := k.ident("req-other", security.RoleMapper)
+	body, _ := (&Packet{Kind: KindRequest, Type: "/a/b", Token: "t1", ReplyTo: "q", From: "req-me"}).Encode()
+	mine, _ := me.Identity.Sign(body)
+	if p, err := me.openOwn(mine, 0); err != nil || p.Token != "t1" {
+		t.Fatalf("own dead letter: %v", err)
+	}
+	forged, _ := other.Sign(body)
+	if _, err := me.openOwn(forged, 0); err == nil {
+		t.Fatal("a dead letter signed by someone else was accepted")
+	}
+	if _, err := me.openOwn(body, 0); err == nil {
+		t.Fatal("an unsigned dead letter was accepted in secure mode")
+	}
+}
