@@ -28,8 +28,9 @@ type ProsodyOptions struct {
 	Components map[string]string
 	// Accounts are registered before the server starts.
 	Accounts []Account
-	// LogLevel is prosody's minimum log level ("debug", "info", "warn",
-	// "error"). Default "info"; "debug" logs every stanza.
+	// LogLevel is prosody's minimum log level: "info" (default) or
+	// "debug" (logs every stanza). Readiness is read from prosody's
+	// info-level log lines, so quieter levels are refused.
 	LogLevel string
 	// ExtraConfig is Lua appended to the global section of the
 	// configuration, before the host sections.
@@ -79,8 +80,12 @@ func StartProsody(ctx context.Context, opts ProsodyOptions) (*Prosody, error) {
 	if len(opts.VirtualHosts) == 0 {
 		opts.VirtualHosts = []string{"localhost"}
 	}
-	if opts.LogLevel == "" {
+	switch opts.LogLevel {
+	case "":
 		opts.LogLevel = "info"
+	case "info", "debug":
+	default:
+		return nil, fmt.Errorf("testenv: prosody LogLevel %q: use \"info\" or \"debug\" (readiness is read from info-level log lines)", opts.LogLevel)
 	}
 	dir, err := makeServerDir("prosody")
 	if err != nil {
