@@ -117,6 +117,7 @@ vhost is one cluster.
 		NewCmdVhost(f, nil),
 		NewCmdPKI(f),
 		NewCmdPolicy(f, nil),
+		NewCmdBridge(f, nil),
 	)
 	// Commands defined by other files of this package: add one constructor
 	// per line. (bench.go registers newBenchCmd here.)

@@ -1,0 +1,584 @@
+// Package bridge relays requests between Nanite clusters (RabbitMQ vhosts,
+// on one or several brokers) and XMPP: it joins the XMPP server as an
+// external component at its domain and each configured cluster as an
+// embedded mapper. docs/bridge.md describes the JID scheme, the config and
+// the security model at the boundary.
+package bridge
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"mellium.im/xmpp"
+	"mellium.im/xmpp/jid"
+
+	"github.com/nanite-go/nanite/nanite"
+	"github.com/nanite-go/nanite/security"
+	"github.com/nanite-go/nanite/vertebra"
+)
+
+// Refusal reasons: the counters of Stats.Refused and the start of a nack's
+// message. docs/bridge.md explains each.
+const (
+	RefuseUnknownCluster = "unknown_cluster"    // the op's JID names no cluster of this bridge
+	RefuseBadRequest     = "bad_request"        // malformed service name or selector
+	RefuseNotExported    = "not_exported"       // no export rule of the cluster covers the service
+	RefusePeer           = "peer_not_allowed"   // the service is exported, but not to the sender
+	RefusePolicy         = "policy"             // the policy file denies the sender
+	RefuseBadSignature   = "bad_signature"      // the op's signature does not verify (forged, replayed, unknown CA, ...)
+	RefuseSignature      = "signature_required" // the service is exported only to signed ops
+	RefuseLoop           = "loop"               // the op already crossed this bridge
+	RefuseHopLimit       = "hop_limit"          // the op crossed too many bridges
+	RefuseNoAgent        = "no_agent"           // no agent of the cluster offers the service (or the JID's agent is unknown)
+	RefuseBusy           = "busy"               // too many ops in flight
+)
+
+// Nack codes of refusals (besides vertebra's).
+const (
+	CodeLoop     = "loop_detected"
+	CodeHopLimit = "hop_limit"
+	CodeNoAgent  = nanite.CodeNoAgent
+	CodeBusy     = "busy"
+)
+
+// DefaultMaxInFlight bounds the ops relayed at once.
+const DefaultMaxInFlight = 10000
+
+// Options are the bridge's runtime options (the rest is in Config).
+type Options struct {
+	// Logger receives the bridge's events; nil discards them.
+	Logger *slog.Logger
+	// MaxInFlight bounds the ops relayed at once; past it new ops are
+	// refused with code busy (default DefaultMaxInFlight).
+	MaxInFlight int
+	// Mapper adjusts each cluster's mapper config (tests: Warmup, ...).
+	Mapper func(name string, cfg *nanite.MapperConfig)
+	// MinBackoff and MaxBackoff of XMPP reconnections (defaults 100 ms
+	// and 5 s).
+	MinBackoff, MaxBackoff time.Duration
+	// PresenceInterval is how often agents' presence is brought up to date
+	// (default DefaultPresenceInterval).
+	PresenceInterval time.Duration
+}
+
+// Bridge relays ops from XMPP into its clusters.
+type Bridge struct {
+	cfg      *Config
+	opts     Options
+	log      *slog.Logger
+	domain   jid.JID
+	ep       *vertebra.Endpoint
+	dial     vertebra.DialConfig
+	clusters []*cluster
+	byLocal  map[string]*cluster // by the cluster JID's (case-folded, escaped) localpart
+	policy   *security.PolicyHolder
+	verifier vertebra.Verifier // nil without trust.ca_files
+	slots    chan struct{}
+
+	sessMu    sync.Mutex
+	sess      *xmpp.Session
+	ready     chan struct{}
+	readyOnce sync.Once
+	pres      *presenceState
+	presKick  chan struct{}
+
+	relayed atomic.Int64
+	failed  atomic.Int64
+	mu      sync.Mutex
+	refused map[string]int64
+}
+
+type cluster struct {
+	cfg     *ClusterConfig
+	jid     jid.JID
+	mapper  *nanite.Mapper
+	exports []export
+}
+
+type export struct {
+	services   []string
+	to         []peer
+	requireSig bool
+}
+
+// Stats are the bridge's counters.
+type Stats struct {
+	Relayed int64            // ops accepted and relayed into a cluster
+	Failed  int64            // relayed ops that ended with an error
+	Refused map[string]int64 // ops refused (nacked) by reason
+}
+
+// New returns a bridge for a validated config (LoadConfig); Run starts it.
+func New(cfg *Config, opts Options) (*Bridge, error) {
+	log := opts.Logger
+	if log == nil {
+		log = slog.New(slog.DiscardHandler)
+	}
+	if opts.MaxInFlight <= 0 {
+		opts.MaxInFlight = DefaultMaxInFlight
+	}
+	domain, err := jid.Parse(cfg.XMPP.Domain)
+	if err != nil {
+		return nil, fmt.Errorf("xmpp.domain: %w", err)
+	}
+	secret := cfg.XMPP.Secret
+	if cfg.XMPP.SecretFile != "" {
+		b, err := os.ReadFile(cfg.Path(cfg.XMPP.SecretFile))
+		if err != nil {
+			return nil, fmt.Errorf("xmpp.secret_file: %w", err)
+		}
+		secret = strings.TrimSpace(string(b))
+	}
+	b := &Bridge{cfg: cfg, opts: opts, log: log, domain: domain, byLocal: map[string]*cluster{},
+		refused: map[string]int64{}, slots: make(chan struct{}, opts.MaxInFlight),
+		ready: make(chan struct{}), pres: newPresenceState(), presKick: make(chan struct{}, 1)}
+	if cfg.Policy != "" {
+		if b.policy, err = security.NewPolicyHolder(cfg.Path(cfg.Policy), log); err != nil {
+			return nil, fmt.Errorf("policy: %w", err)
+		}
+	}
+	roots, err := cfg.roots()
+	if err != nil {
+		return nil, fmt.Errorf("trust: %w", err)
+	}
+	if roots != nil {
+		v, err := security.NewVerifier(security.VerifierConfig{Roots: roots, Logger: log})
+		if err != nil {
+			return nil, fmt.Errorf("trust: %w", err)
+		}
+		b.verifier = vertebra.IdentityVerifier{Verifier: v}
+	}
+	for i := range cfg.Clusters {
+		cc := &cfg.Clusters[i]
+		cj, err := ClusterJID(cc.Vhost, domain.String())
+		if err != nil {
+			return nil, fmt.Errorf("cluster %s: %w", cc.Name, err)
+		}
+		u, err := cc.brokerURL(cfg)
+		if err != nil {
+			return nil, fmt.Errorf("cluster %s: %w", cc.Name, err)
+		}
+		tc, err := cc.tlsConfig(cfg)
+		if err != nil {
+			return nil, fmt.Errorf("cluster %s: %w", cc.Name, err)
+		}
+		mc := nanite.MapperConfig{URL: u, TLS: tc, Logger: log.With("cluster", cc.Name)}
+		if opts.Mapper != nil {
+			opts.Mapper(cc.Name, &mc)
+		}
+		m, err := nanite.NewMapper(mc)
+		if err != nil {
+			return nil, fmt.Errorf("cluster %s: %w", cc.Name, err)
+		}
+		c := &cluster{cfg: cc, jid: cj, mapper: m}
+		for _, e := range cc.Exports {
+			ex := export{services: e.Services, requireSig: e.RequireSignature}
+			for _, s := range e.To {
+				p, err := parsePeer(s)
+				if err != nil {
+					return nil, fmt.Errorf("cluster %s: %w", cc.Name, err)
+				}
+				ex.to = append(ex.to, p)
+			}
+			c.exports = append(c.exports, ex)
+		}
+		b.clusters = append(b.clusters, c)
+		b.byLocal[cj.Localpart()] = c
+	}
+	b.ep = vertebra.NewEndpoint(vertebra.Config{Handler: b, Logger: log.With("side", "xmpp")})
+	b.dial = vertebra.DialConfig{JID: domain, Secret: secret, Addr: cfg.XMPP.Server}
+	return b, nil
+}
+
+// Domain is the bridge's component domain.
+func (b *Bridge) Domain() jid.JID { return b.domain }
+
+// ClusterJIDs maps each cluster's name to its JID.
+func (b *Bridge) ClusterJIDs() map[string]jid.JID {
+	m := map[string]jid.JID{}
+	for _, c := range b.clusters {
+		m[c.cfg.Name] = c.jid
+	}
+	return m
+}
+
+// Endpoint is the bridge's XMPP endpoint.
+func (b *Bridge) Endpoint() *vertebra.Endpoint { return b.ep }
+
+// Run connects to every cluster and to the XMPP server and relays until ctx
+// ends. It returns an error when a broker or the XMPP server refuses the
+// bridge outright (credentials, vhost).
+func (b *Bridge) Run(ctx context.Context) error {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	errs := make(chan error, len(b.clusters)+1)
+	var wg sync.WaitGroup
+	for _, c := range b.clusters {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			if err := c.mapper.Run(ctx); err != nil {
+				errs <- fmt.Errorf("cluster %s: %w", c.cfg.Name, err)
+				cancel()
+			}
+		}()
+	}
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		if err := b.runXMPP(ctx, b.dial); err != nil {
+			errs <- fmt.Errorf("xmpp: %w", err)
+			cancel()
+		}
+	}()
+	wg.Wait()
+	_ = b.ep.Close()
+	close(errs)
+	var all []error
+	for err := range errs {
+		all = append(all, err)
+	}
+	return errors.Join(all...)
+}
+
+// Ready blocks until every cluster's mapper and the XMPP session are up.
+func (b *Bridge) Ready(ctx context.Context) error {
+	for _, c := range b.clusters {
+		if err := c.mapper.Ready(ctx); err != nil {
+			return fmt.Errorf("cluster %s: %w", c.cfg.Name, err)
+		}
+	}
+	select {
+	case <-b.ready:
+		return nil
+	case <-ctx.Done():
+		return fmt.Errorf("xmpp: %w", ctx.Err())
+	}
+}
+
+// Mapper returns the mapper of the named cluster (nil if none).
+func (b *Bridge) Mapper(name string) *nanite.Mapper {
+	for _, c := range b.clusters {
+		if c.cfg.Name == name {
+			return c.mapper
+		}
+	}
+	return nil
+}
+
+// Stats returns the bridge's counters.
+func (b *Bridge) Stats() Stats {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	r := make(map[string]int64, len(b.refused))
+	for k, v := range b.refused {
+		r[k] = v
+	}
+	return Stats{Relayed: b.relayed.Load(), Failed: b.failed.Load(), Refused: r}
+}
+
+// refuse nacks the op and counts the reason.
+func (b *Bridge) refuse(ctx context.Context, req *vertebra.Request, w *vertebra.Reply, reason, code, format string, args ...any) error {
+	b.mu.Lock()
+	b.refused[reason]++
+	b.mu.Unlock()
+	msg := reason + ": " + fmt.Sprintf(format, args...)
+	b.log.Info("op refused", "from", req.From, "to", req.To, "op", req.Type, "reason", reason, "message", msg)
+	return w.Nack(ctx, code, msg)
+}
+
+// ServeOp implements vertebra.OpHandler: the XMPP → cluster flow. Every
+// check happens before anything is published to a broker.
+func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra.Reply) error {
+	c := b.byLocal[req.To.Localpart()]
+	if req.To.Localpart() == "" || c == nil {
+		return b.refuse(ctx, req, w, RefuseUnknownCluster, vertebra.CodeUnknown, "%s is not a cluster of this bridge", req.To.Bare())
+	}
+	service, err := nanite.NormalizeService(req.Type)
+	if err != nil {
+		return b.refuse(ctx, req, w, RefuseBadRequest, vertebra.CodeBadRequest, "%v", err)
+	}
+	// Loops and hop limit.
+	for _, h := range req.Meta.Hops {
+		if hj, err := jid.Parse(h.By); err == nil && hj.Domainpart() == b.domain.Domainpart() {
+			return b.refuse(ctx, req, w, RefuseLoop, CodeLoop, "the op already crossed bridge %s", b.domain)
+		}
+	}
+	if len(req.Meta.Hops) >= b.cfg.HopLimit {
+		return b.refuse(ctx, req, w, RefuseHopLimit, CodeHopLimit, "the op crossed %d bridges, the limit is %d", len(req.Meta.Hops), b.cfg.HopLimit)
+	}
+	// Signature: checked when present and the bridge trusts CAs.
+	signedBy, signer := "", ""
+	if len(req.Meta.Signature) > 0 && b.verifier != nil {
+		by, err := b.verifier.Verify(ctx, req.Meta.Signature, req.Meta.Certificate,
+			vertebra.SigningBytes(req.To, req.Type, req.Payload, req.Meta))
+		if err != nil {
+			return b.refuse(ctx, req, w, RefuseBadSignature, vertebra.CodeUnauthorized, "%v", err)
+		}
+		signedBy = by
+		_, signer = vertebra.ParseSigner(by)
+	}
+	// Export rules.
+	exported, allowed, needSig := false, false, false
+	for _, e := range c.exports {
+		match := false
+		for _, g := range e.services {
+			if matchService(g, service) {
+				match = true
+				break
+			}
+		}
+		if !match {
+			continue
+		}
+		exported = true
+		if e.requireSig && signedBy == "" {
+			needSig = true
+			continue
+		}
+		for _, p := range e.to {
+			if p.matches(req.From, signer) {
+				allowed = true
+				break
+			}
+		}
+		if allowed {
+			break
+		}
+	}
+	if !exported {
+		return b.refuse(ctx, req, w, RefuseNotExported, vertebra.CodeUnauthorized, "%s is not exported by %s", service, c.jid)
+	}
+	if !allowed && needSig {
+		return b.refuse(ctx, req, w, RefuseSignature, vertebra.CodeUnauthorized, "%s of %s is exported only to signed ops", service, c.jid)
+	}
+	if !allowed {
+		return b.refuse(ctx, req, w, RefusePeer, vertebra.CodeUnauthorized, "%s of %s is not exported to %s", service, c.jid, req.From.Bare())
+	}
+	if b.policy != nil {
+		pa := vertebra.PolicyAuthorizer{Policy: b.policy}
+		if err := pa.Authorize(ctx, req.From.String(), signedBy, service); err != nil {
+			return b.refuse(ctx, req, w, RefusePolicy, vertebra.CodeUnauthorized, "%v", err)
+		}
+	}
+	// Request options.
+	var ropts []nanite.RequestOption
+	selector := req.Meta.Selector
+	switch selector {
+	case "", nanite.SelectLeastLoaded, nanite.SelectAll, nanite.SelectRandom, nanite.SelectRoundRobin:
+	default:
+		return b.refuse(ctx, req, w, RefuseBadRequest, vertebra.CodeBadRequest, "unknown selector %q", selector)
+	}
+	target := req.To.Resourcepart()
+	if target != "" {
+		if selector != "" && selector != nanite.SelectLeastLoaded {
+			return b.refuse(ctx, req, w, RefuseBadRequest, vertebra.CodeBadRequest, "selector %q with an agent JID", selector)
+		}
+		ropts = append(ropts, nanite.WithTarget(target))
+	} else if selector != "" {
+		ropts = append(ropts, nanite.WithSelector(selector))
+	}
+	if len(req.Meta.Tags) > 0 {
+		ropts = append(ropts, nanite.WithTags(req.Meta.Tags...))
+	}
+	if !offers(c.mapper.Agents(), service, target, req.Meta.Tags) {
+		if target != "" {
+			return b.refuse(ctx, req, w, RefuseNoAgent, CodeNoAgent, "agent %s of %s does not offer %s", target, c.jid, service)
+		}
+		return b.refuse(ctx, req, w, RefuseNoAgent, CodeNoAgent, "no agent of %s offers %s", c.jid, service)
+	}
+	select {
+	case b.slots <- struct{}{}:
+		defer func() { <-b.slots }()
+	default:
+		return b.refuse(ctx, req, w, RefuseBusy, CodeBusy, "%d ops in flight", cap(b.slots))
+	}
+
+	// Accepted: ack, then relay.
+	b.relayed.Add(1)
+	if err := w.Ack(ctx); err != nil {
+		return err
+	}
+	q := newStream(ctx, w)
+	ropts = append(ropts, nanite.WithTimeout(time.Until(req.Deadline)), nanite.OnIntermediate(q.push))
+	payload := req.Payload
+	if payload == nil {
+		payload = json.RawMessage("null")
+	}
+	resp, err := c.mapper.Request(ctx, service, payload, ropts...)
+	if serr := q.close(); serr != nil {
+		return serr
+	}
+	if err != nil {
+		b.failed.Add(1)
+		code, msg := errorCode(err)
+		return w.Fail(ctx, code, msg)
+	}
+	var okN int
+	var lastErr error
+	for _, r := range resp.Results {
+		if r.Err != nil {
+			lastErr = r.Err
+			if len(resp.Results) > 1 {
+				code, msg := errorCode(r.Err)
+				body, _ := json.Marshal(map[string]string{"agent": r.Agent, "code": code, "message": msg})
+				if err := w.Intermediate(ctx, "error", body); err != nil {
+					return err
+				}
+			}
+			continue
+		}
+		okN++
+		if err := w.Data(ctx, r.Payload); err != nil {
+			return err
+		}
+	}
+	if okN == 0 && lastErr != nil {
+		b.failed.Add(1)
+		code, msg := errorCode(lastErr)
+		return w.Fail(ctx, code, msg)
+	}
+	return w.Final(ctx)
+}
+
+// offers reports whether an agent matching target and tags offers service.
+func offers(agents []nanite.AgentState, service, target string, tags []string) bool {
+	for _, a := range agents {
+		if target != "" && a.Identity != target {
+			continue
+		}
+		if !hasAll(a.Tags, tags) {
+			continue
+		}
+		for _, s := range a.Services {
+			if s.Name == service {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+func hasAll(have, want []string) bool {
+	for _, w := range want {
+		found := false
+		for _, h := range have {
+			if h == w {
+				found = true
+				break
+			}
+		}
+		if !found {
+			return false
+		}
+	}
+	return true
+}
+
+// errorCode maps a nanite error to the code and message of an XMPP error.
+func errorCode(err error) (code, msg string) {
+	var ce interface {
+		ErrorCode() string
+		ErrorMessage() string
+	}
+	if errors.As(err, &ce) {
+		return ce.ErrorCode(), ce.ErrorMessage()
+	}
+	switch {
+	case errors.Is(err, nanite.ErrTimeout), errors.Is(err, context.DeadlineExceeded):
+		return nanite.CodeTimeout, err.Error()
+	case errors.Is(err, nanite.ErrNoAgent):
+		return nanite.CodeNoAgent, err.Error()
+	case errors.Is(err, nanite.ErrNotDelivered):
+		return nanite.CodeNotDelivered, err.Error()
+	case errors.Is(err, nanite.ErrAgentLost):
+		return nanite.CodeAgentLost, err.Error()
+	case errors.Is(err, nanite.ErrBusy):
+		return CodeBusy, err.Error()
+	case errors.Is(err, nanite.ErrTooLarge):
+		return nanite.CodeTooLarge, err.Error()
+	case errors.Is(err, nanite.ErrClosed):
+		return nanite.CodeShutdown, err.Error()
+	}
+	return nanite.CodeInternal, err.Error()
+}
+
+// stream forwards a mapper's intermediate results to the XMPP caller in
+// order, without blocking the mapper's reply goroutine (push never blocks;
+// the queue is bounded by the mapper's payload limits and the deadline).
+type stream struct {
+	ctx  context.Context
+	w    *vertebra.Reply
+	mu   sync.Mutex
+	q    []nanite.Intermediate
+	wake chan struct{}
+	done chan struct{}
+	shut bool
+	err  error
+}
+
+func newStream(ctx context.Context, w *vertebra.Reply) *stream {
+	s := &stream{ctx: ctx, w: w, wake: make(chan struct{}, 1), done: make(chan struct{})}
+	go s.run()
+	return s
+}
+
+func (s *stream) push(in nanite.Intermediate) {
+	s.mu.Lock()
+	if !s.shut {
+		s.q = append(s.q, in)
+	}
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func (s *stream) run() {
+	defer close(s.done)
+	for {
+		s.mu.Lock()
+		q := s.q
+		s.q = nil
+		shut := s.shut
+		s.mu.Unlock()
+		for _, in := range q {
+			if s.err != nil {
+				break
+			}
+			s.err = s.w.Intermediate(s.ctx, in.Key, in.Payload)
+		}
+		if shut {
+			s.mu.Lock()
+			empty := len(s.q) == 0
+			s.mu.Unlock()
+			if empty {
+				return
+			}
+			continue
+		}
+		<-s.wake
+	}
+}
+
+// close waits until every queued intermediate result is sent.
+func (s *stream) close() error {
+	s.mu.Lock()
+	s.shut = true
+	s.mu.Unlock()
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+	<-s.done
+	return s.err
+}

@@ -1,0 +1,541 @@
+package bridge
+
+import (
+	"bytes"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"net"
+	"net/url"
+	"os"
+	"path"
+	"path/filepath"
+	"strconv"
+	"strings"
+
+	"go.yaml.in/yaml/v3"
+	"mellium.im/xmpp/jid"
+
+	"github.com/nanite-go/nanite/security"
+)
+
+// DefaultHopLimit is the most bridges an op may have crossed before it
+// reaches this one.
+const DefaultHopLimit = 4
+
+// Config is the bridge's configuration file (YAML; docs/bridge.md has a
+// full example). Unknown fields are errors.
+type Config struct {
+	XMPP     XMPPConfig      `yaml:"xmpp"`
+	Clusters []ClusterConfig `yaml:"clusters"`
+	// HopLimit: an op that has already crossed this many bridges is
+	// refused (default DefaultHopLimit).
+	HopLimit int `yaml:"hop_limit"`
+	// Trust lists the CAs of peer sites (for signatures; see docs).
+	Trust TrustConfig `yaml:"trust"`
+	// Policy is a security policy file (docs/security.md) consulted, after
+	// the export rules, for every op from XMPP: caller jid:<sender>.
+	Policy string `yaml:"policy"`
+
+	// Dir is the directory of the config file; relative paths are
+	// resolved against it.
+	Dir string `yaml:"-"`
+}
+
+// XMPPConfig is how the bridge joins the XMPP server: as an external
+// component (XEP-0114) at Domain.
+type XMPPConfig struct {
+	Server     string `yaml:"server"` // host:port of the component listener
+	Domain     string `yaml:"domain"` // the bridge's component domain
+	Secret     string `yaml:"secret"`
+	SecretFile string `yaml:"secret_file"`
+}
+
+// ClusterConfig is one cluster: a vhost on a broker, with what it exports
+// to XMPP and imports from it.
+type ClusterConfig struct {
+	// Name identifies the cluster in logs and errors.
+	Name string `yaml:"name"`
+	// URL of the broker, amqp:// or amqps://, with credentials; its path
+	// is the vhost unless Vhost is given.
+	URL string `yaml:"url"`
+	// Vhost overrides the URL's vhost.
+	Vhost string `yaml:"vhost"`
+	// PasswordFile, when set, holds the broker password (replacing the
+	// URL's).
+	PasswordFile string     `yaml:"password_file"`
+	TLS          *TLSConfig `yaml:"tls"`
+	Exports      []Export   `yaml:"exports"`
+	Imports      []Import   `yaml:"imports"`
+}
+
+// TLSConfig configures amqps:// connections to a broker.
+type TLSConfig struct {
+	CAFile     string `yaml:"ca_file"`
+	CertFile   string `yaml:"cert_file"`
+	KeyFile    string `yaml:"key_file"`
+	ServerName string `yaml:"server_name"`
+}
+
+// Export makes services of a cluster callable by XMPP peers.
+type Export struct {
+	// Services are globs ("/echo/*", "/ops/restart", "*" for all) matched
+	// with path.Match: "*" in a glob stays inside one path segment.
+	Services []string `yaml:"services"`
+	// To are the peers allowed: "*" (anyone), "*@domain" or "domain" (any
+	// JID of that domain, the domain itself included), a bare JID (any of
+	// its resources), a full JID, or "cert:NAME" (a signer's certificate
+	// name, matched when the op carries a signature that a CA of
+	// trust.ca_files vouches for).
+	To []string `yaml:"to"`
+	// RequireSignature: the export covers only ops with a valid signature
+	// (trust.ca_files must be set).
+	RequireSignature bool `yaml:"require_signature"`
+}
+
+// Import makes services of a remote cluster callable from a local one
+// (proxy agents; not implemented yet, validated only).
+type Import struct {
+	From     string   `yaml:"from"` // a cluster JID or a domain
+	Services []string `yaml:"services"`
+}
+
+// roots returns a pool of the trusted CAs (nil when none).
+func (c *Config) roots() (*x509.CertPool, error) {
+	if len(c.Trust.CAFiles) == 0 {
+		return nil, nil
+	}
+	pool := x509.NewCertPool()
+	for _, f := range c.Trust.CAFiles {
+		certs, err := security.LoadCertificates(c.Path(f))
+		if err != nil {
+			return nil, err
+		}
+		for _, cert := range certs {
+			pool.AddCert(cert)
+		}
+	}
+	return pool, nil
+}
+
+// TrustConfig lists the CAs of peer sites.
+type TrustConfig struct {
+	CAFiles []string `yaml:"ca_files"`
+}
+
+// ConfigError is a problem of the config file, with where it is.
+type ConfigError struct {
+	File  string
+	Line  int    // 0 when unknown
+	Field string // e.g. clusters[0].exports[1].to[2]
+	Msg   string
+}
+
+func (e *ConfigError) Error() string {
+	var b strings.Builder
+	b.WriteString(e.File)
+	if e.Line > 0 {
+		b.WriteString(":" + strconv.Itoa(e.Line))
+	}
+	if e.Field != "" {
+		b.WriteString(": " + e.Field)
+	}
+	b.WriteString(": " + e.Msg)
+	return b.String()
+}
+
+// LoadConfig reads and validates a config file. The error lists every
+// problem found, each a *ConfigError naming its line and field.
+func LoadConfig(file string) (*Config, error) {
+	data, err := os.ReadFile(file)
+	if err != nil {
+		return nil, err
+	}
+	return ParseConfig(file, data)
+}
+
+// ParseConfig parses and validates a config; name is used in errors and
+// its directory resolves relative paths.
+func ParseConfig(name string, data []byte) (*Config, error) {
+	var root yaml.Node
+	if err := yaml.Unmarshal(data, &root); err != nil {
+		return nil, &ConfigError{File: name, Msg: strings.TrimPrefix(err.Error(), "yaml: ")}
+	}
+	var cfg Config
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	if err := dec.Decode(&cfg); err != nil {
+		var te *yaml.TypeError
+		if errors.As(err, &te) {
+			var errs []error
+			for _, m := range te.Errors {
+				errs = append(errs, typeError(name, m))
+			}
+			return nil, errors.Join(errs...)
+		}
+		return nil, &ConfigError{File: name, Msg: strings.TrimPrefix(err.Error(), "yaml: ")}
+	}
+	cfg.Dir = filepath.Dir(name)
+	v := &validator{file: name, root: &root}
+	cfg.validate(v)
+	if len(v.errs) > 0 {
+		return nil, errors.Join(v.errs...)
+	}
+	return &cfg, nil
+}
+
+// typeError turns a yaml.v3 message "line N: ..." into a ConfigError.
+func typeError(file, msg string) error {
+	if rest, ok := strings.CutPrefix(msg, "line "); ok {
+		if n, tail, ok := strings.Cut(rest, ": "); ok {
+			if line, err := strconv.Atoi(n); err == nil {
+				return &ConfigError{File: file, Line: line, Msg: tail}
+			}
+		}
+	}
+	return &ConfigError{File: file, Msg: msg}
+}
+
+type validator struct {
+	file string
+	root *yaml.Node
+	errs []error
+}
+
+// errorf records a problem at the field path (keys and indices).
+func (v *validator) errorf(p []any, format string, args ...any) {
+	v.errs = append(v.errs, &ConfigError{File: v.file, Line: v.line(p), Field: fieldName(p), Msg: fmt.Sprintf(format, args...)})
+}
+
+func fieldName(p []any) string {
+	var b strings.Builder
+	for _, e := range p {
+		switch e := e.(type) {
+		case string:
+			if b.Len() > 0 {
+				b.WriteByte('.')
+			}
+			b.WriteString(e)
+		case int:
+			fmt.Fprintf(&b, "[%d]", e)
+		}
+	}
+	return b.String()
+}
+
+// line finds the line of the field at p, or of its nearest present parent.
+func (v *validator) line(p []any) int {
+	n := v.root
+	if n == nil || len(n.Content) == 0 {
+		return 0
+	}
+	n = n.Content[0]
+	line := n.Line
+	for _, e := range p {
+		var next *yaml.Node
+		switch e := e.(type) {
+		case string:
+			if n.Kind == yaml.MappingNode {
+				for i := 0; i+1 < len(n.Content); i += 2 {
+					if n.Content[i].Value == e {
+						next = n.Content[i+1]
+						line = n.Content[i].Line
+						break
+					}
+				}
+			}
+		case int:
+			if n.Kind == yaml.SequenceNode && e < len(n.Content) {
+				next = n.Content[e]
+				line = next.Line
+			}
+		}
+		if next == nil {
+			return line
+		}
+		n = next
+	}
+	return line
+}
+
+func at(p []any, more ...any) []any {
+	return append(append([]any(nil), p...), more...)
+}
+
+// Path resolves a path of the config against its directory.
+func (c *Config) Path(p string) string {
+	if p == "" || filepath.IsAbs(p) {
+		return p
+	}
+	return filepath.Join(c.Dir, p)
+}
+
+func (c *Config) validate(v *validator) {
+	x := []any{"xmpp"}
+	if c.XMPP.Server == "" {
+		v.errorf(at(x, "server"), "required (host:port of the server's component listener)")
+	} else if _, _, err := net.SplitHostPort(c.XMPP.Server); err != nil {
+		v.errorf(at(x, "server"), "%q is not host:port", c.XMPP.Server)
+	}
+	if c.XMPP.Domain == "" {
+		v.errorf(at(x, "domain"), "required (the bridge's component domain)")
+	} else if j, err := jid.Parse(c.XMPP.Domain); err != nil || j.Localpart() != "" || j.Resourcepart() != "" {
+		v.errorf(at(x, "domain"), "%q is not a domain", c.XMPP.Domain)
+	}
+	switch {
+	case c.XMPP.Secret != "" && c.XMPP.SecretFile != "":
+		v.errorf(at(x, "secret_file"), "give secret or secret_file, not both")
+	case c.XMPP.Secret == "" && c.XMPP.SecretFile == "":
+		v.errorf(x, "secret or secret_file is required")
+	case c.XMPP.SecretFile != "":
+		if _, err := os.ReadFile(c.Path(c.XMPP.SecretFile)); err != nil {
+			v.errorf(at(x, "secret_file"), "%v", err)
+		}
+	}
+	if c.HopLimit == 0 {
+		c.HopLimit = DefaultHopLimit
+	} else if c.HopLimit < 1 || c.HopLimit > 32 {
+		v.errorf([]any{"hop_limit"}, "%d is out of range 1..32", c.HopLimit)
+	}
+	for i, f := range c.Trust.CAFiles {
+		if _, err := security.LoadCertificates(c.Path(f)); err != nil {
+			v.errorf([]any{"trust", "ca_files", i}, "%v", err)
+		}
+	}
+	if c.Policy != "" {
+		if _, err := security.LoadPolicy(c.Path(c.Policy)); err != nil {
+			v.errorf([]any{"policy"}, "%v", err)
+		}
+	}
+	if len(c.Clusters) == 0 {
+		v.errorf([]any{"clusters"}, "at least one cluster is required")
+	}
+	names := map[string]int{}
+	jids := map[string]int{}
+	for i := range c.Clusters {
+		cl := &c.Clusters[i]
+		p := []any{"clusters", i}
+		if cl.Name == "" {
+			v.errorf(at(p, "name"), "required")
+		} else if j, ok := names[cl.Name]; ok {
+			v.errorf(at(p, "name"), "%q is also the name of clusters[%d]", cl.Name, j)
+		} else {
+			names[cl.Name] = i
+		}
+		cl.validate(c, v, p)
+		if c.XMPP.Domain != "" && cl.Vhost != "" {
+			if j, err := ClusterJID(cl.Vhost, c.XMPP.Domain); err != nil {
+				v.errorf(at(p, "vhost"), "%v", err)
+			} else if k, ok := jids[j.String()]; ok {
+				v.errorf(at(p, "vhost"), "cluster JID %s is also that of clusters[%d] (localparts are case-folded)", j, k)
+			} else {
+				jids[j.String()] = i
+			}
+		}
+	}
+}
+
+func (cl *ClusterConfig) validate(c *Config, v *validator, p []any) {
+	if cl.URL == "" {
+		v.errorf(at(p, "url"), "required (amqp://user:pass@host:port/vhost)")
+	} else if u, err := url.Parse(cl.URL); err != nil || (u.Scheme != "amqp" && u.Scheme != "amqps") || u.Host == "" {
+		v.errorf(at(p, "url"), "not an amqp:// or amqps:// URL")
+	} else {
+		vh := "/"
+		if u.Path != "" {
+			vh = strings.TrimPrefix(u.Path, "/")
+		}
+		if cl.Vhost == "" {
+			cl.Vhost = vh
+		} else if u.Path != "" && u.Path != "/" && vh != cl.Vhost {
+			v.errorf(at(p, "vhost"), "%q differs from the URL's vhost %q", cl.Vhost, vh)
+		}
+		if cl.TLS != nil && u.Scheme != "amqps" {
+			v.errorf(at(p, "tls"), "given for a URL that is not amqps://")
+		}
+	}
+	if cl.PasswordFile != "" {
+		if _, err := os.ReadFile(c.Path(cl.PasswordFile)); err != nil {
+			v.errorf(at(p, "password_file"), "%v", err)
+		}
+	}
+	if cl.TLS != nil {
+		if _, err := cl.tlsConfig(c); err != nil {
+			v.errorf(at(p, "tls"), "%v", err)
+		}
+	}
+	for i, e := range cl.Exports {
+		ep := at(p, "exports", i)
+		if len(e.Services) == 0 {
+			v.errorf(at(ep, "services"), "at least one service glob is required")
+		}
+		for k, s := range e.Services {
+			if err := checkGlob(s); err != nil {
+				v.errorf(at(ep, "services", k), "%v", err)
+			}
+		}
+		if len(e.To) == 0 {
+			v.errorf(at(ep, "to"), "at least one peer is required (\"*\" for anyone)")
+		}
+		for k, s := range e.To {
+			p, err := parsePeer(s)
+			if err != nil {
+				v.errorf(at(ep, "to", k), "%v", err)
+			} else if p.cert != "" && len(c.Trust.CAFiles) == 0 {
+				v.errorf(at(ep, "to", k), "%q needs trust.ca_files to verify signatures", s)
+			}
+		}
+		if e.RequireSignature && len(c.Trust.CAFiles) == 0 {
+			v.errorf(at(ep, "require_signature"), "needs trust.ca_files to verify signatures")
+		}
+	}
+	for i, im := range cl.Imports {
+		ip := at(p, "imports", i)
+		if im.From == "" {
+			v.errorf(at(ip, "from"), "required (a cluster JID or a domain)")
+		} else if _, err := jid.Parse(im.From); err != nil {
+			v.errorf(at(ip, "from"), "%q: %v", im.From, err)
+		}
+		if len(im.Services) == 0 {
+			v.errorf(at(ip, "services"), "at least one service glob is required")
+		}
+		for k, s := range im.Services {
+			if err := checkGlob(s); err != nil {
+				v.errorf(at(ip, "services", k), "%v", err)
+			}
+		}
+	}
+}
+
+// brokerURL is the URL with the configured vhost and password.
+func (cl *ClusterConfig) brokerURL(c *Config) (string, error) {
+	u, err := url.Parse(cl.URL)
+	if err != nil {
+		return "", err
+	}
+	if cl.PasswordFile != "" {
+		pw, err := os.ReadFile(c.Path(cl.PasswordFile))
+		if err != nil {
+			return "", err
+		}
+		user := ""
+		if u.User != nil {
+			user = u.User.Username()
+		}
+		u.User = url.UserPassword(user, strings.TrimSpace(string(pw)))
+	}
+	u.Path = "/" + cl.Vhost
+	u.RawPath = "/" + url.PathEscape(cl.Vhost)
+	return u.String(), nil
+}
+
+func (cl *ClusterConfig) tlsConfig(c *Config) (*tls.Config, error) {
+	if cl.TLS == nil {
+		return nil, nil
+	}
+	tc := &tls.Config{ServerName: cl.TLS.ServerName, MinVersion: tls.VersionTLS12}
+	if cl.TLS.CAFile != "" {
+		pem, err := os.ReadFile(c.Path(cl.TLS.CAFile))
+		if err != nil {
+			return nil, err
+		}
+		tc.RootCAs = x509.NewCertPool()
+		if !tc.RootCAs.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("ca_file %s: no PEM certificate", cl.TLS.CAFile)
+		}
+	}
+	if (cl.TLS.CertFile == "") != (cl.TLS.KeyFile == "") {
+		return nil, errors.New("cert_file and key_file go together")
+	}
+	if cl.TLS.CertFile != "" {
+		kp, err := tls.LoadX509KeyPair(c.Path(cl.TLS.CertFile), c.Path(cl.TLS.KeyFile))
+		if err != nil {
+			return nil, err
+		}
+		tc.Certificates = []tls.Certificate{kp}
+	}
+	return tc, nil
+}
+
+// checkGlob checks a service glob: "*", or an absolute path pattern.
+func checkGlob(g string) error {
+	if g == "*" {
+		return nil
+	}
+	if !strings.HasPrefix(g, "/") {
+		return fmt.Errorf("service glob %q must start with / (or be \"*\")", g)
+	}
+	if _, err := path.Match(g, ""); err != nil {
+		return fmt.Errorf("service glob %q: %v", g, err)
+	}
+	return nil
+}
+
+// matchService reports whether service matches glob.
+func matchService(glob, service string) bool {
+	if glob == "*" {
+		return true
+	}
+	ok, _ := path.Match(glob, service)
+	return ok
+}
+
+// peer is a parsed entry of Export.To.
+type peer struct {
+	any    bool
+	domain string // any JID of the domain
+	bare   string // any resource of this bare JID
+	full   string // exactly this JID
+	cert   string // a signer's certificate name
+}
+
+func parsePeer(s string) (peer, error) {
+	switch {
+	case s == "*":
+		return peer{any: true}, nil
+	case strings.HasPrefix(s, "cert:"):
+		name := strings.TrimPrefix(s, "cert:")
+		if !security.ValidName(name) {
+			return peer{}, fmt.Errorf("%q: not a valid certificate name", s)
+		}
+		return peer{cert: name}, nil
+	case strings.HasPrefix(s, "*@"):
+		j, err := jid.Parse(s[2:])
+		if err != nil || j.Localpart() != "" || j.Resourcepart() != "" {
+			return peer{}, fmt.Errorf("%q: not *@domain", s)
+		}
+		return peer{domain: j.Domainpart()}, nil
+	}
+	j, err := jid.Parse(s)
+	if err != nil {
+		return peer{}, fmt.Errorf("%q: not a JID, domain, \"*\" or cert:NAME: %v", s, err)
+	}
+	switch {
+	case j.Localpart() == "" && j.Resourcepart() == "":
+		return peer{domain: j.Domainpart()}, nil
+	case j.Resourcepart() == "":
+		return peer{bare: j.String()}, nil
+	default:
+		return peer{full: j.String()}, nil
+	}
+}
+
+// matches reports whether the sender from (as its server authenticated it)
+// or the verified signer's certificate name signer is this peer.
+func (p peer) matches(from jid.JID, signer string) bool {
+	if p.cert != "" {
+		return signer != "" && signer == p.cert
+	}
+	switch {
+	case p.any:
+		return true
+	case p.domain != "":
+		return from.Domainpart() == p.domain
+	case p.bare != "":
+		return from.Bare().String() == p.bare
+	case p.full != "":
+		return from.String() == p.full
+	}
+	return false
+}
