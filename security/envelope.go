@@ -180,31 +180,42 @@ func parseEnvelope(raw []byte, max int) (*Envelope, error) {
 		return nil, newError(ErrUnsigned, "", nil, "not an envelope")
 	}
 	var e Envelope
-	if err := json.Unmarshal(raw, &e); err != nil {
-		return nil, newError(ErrMalformed, "", err, "decode")
+	if !decodeEnvelope(raw, &e) {
+		e = Envelope{}
+		if err := json.Unmarshal(raw, &e); err != nil {
+			return nil, newError(ErrMalformed, "", err, "decode")
+		}
 	}
-	if e.Version != EnvelopeVersion {
-		return nil, newError(ErrUnsupported, "", nil, "envelope version %d", e.Version)
-	}
-	if e.Alg != AlgEd25519 {
-		return nil, newError(ErrUnsupported, "", nil, "algorithm %.32q", e.Alg)
-	}
-	if !ValidName(e.Signer) {
-		return nil, newError(ErrMalformed, "", nil, "invalid signer %.140q", e.Signer)
-	}
-	if len(e.Cert) > maxCertSize {
-		return nil, newError(ErrMalformed, e.Signer, nil, "certificate is %d bytes, the limit is %d", len(e.Cert), maxCertSize)
-	}
-	if e.TS <= 0 {
-		return nil, newError(ErrMalformed, e.Signer, nil, "timestamp %d", e.TS)
-	}
-	if len(e.Nonce) != 2*nonceLen || !isLowerHex(e.Nonce) {
-		return nil, newError(ErrMalformed, e.Signer, nil, "nonce must be %d lowercase hex digits", 2*nonceLen)
-	}
-	if len(e.Sig) != ed25519.SignatureSize {
-		return nil, newError(ErrMalformed, e.Signer, nil, "signature is %d bytes, want %d", len(e.Sig), ed25519.SignatureSize)
+	if err := checkEnvelope(&e); err != nil {
+		return nil, err
 	}
 	return &e, nil
+}
+
+// checkEnvelope is the form check of parseEnvelope after decoding.
+func checkEnvelope(e *Envelope) error {
+	if e.Version != EnvelopeVersion {
+		return newError(ErrUnsupported, "", nil, "envelope version %d", e.Version)
+	}
+	if e.Alg != AlgEd25519 {
+		return newError(ErrUnsupported, "", nil, "algorithm %.32q", e.Alg)
+	}
+	if !ValidName(e.Signer) {
+		return newError(ErrMalformed, "", nil, "invalid signer %.140q", e.Signer)
+	}
+	if len(e.Cert) > maxCertSize {
+		return newError(ErrMalformed, e.Signer, nil, "certificate is %d bytes, the limit is %d", len(e.Cert), maxCertSize)
+	}
+	if e.TS <= 0 {
+		return newError(ErrMalformed, e.Signer, nil, "timestamp %d", e.TS)
+	}
+	if len(e.Nonce) != 2*nonceLen || !isLowerHex(e.Nonce) {
+		return newError(ErrMalformed, e.Signer, nil, "nonce must be %d lowercase hex digits", 2*nonceLen)
+	}
+	if len(e.Sig) != ed25519.SignatureSize {
+		return newError(ErrMalformed, e.Signer, nil, "signature is %d bytes, want %d", len(e.Sig), ed25519.SignatureSize)
+	}
+	return nil
 }
 
 func isLowerHex(s string) bool {
@@ -292,4 +303,231 @@ func (v *Verifier) verifyEnvelope(raw []byte, roles []Role) ([]byte, *Peer, erro
 		return nil, nil, newError(ErrReplayCacheFull, e.Signer, nil, "%d nonces inside the window", v.replay.max)
 	}
 	return e.Body, ce.peer, nil
+}
+
+// decodeEnvelope is json.Unmarshal(raw, e) for envelopes written the usual
+// way, without encoding/json's validation pass and reflection, and with the
+// three base64 fields decoded into one allocation. It returns false, leaving
+// e in any state, for anything it does not handle exactly as encoding/json
+// would: invalid JSON, unknown, duplicate or differently cased keys, null,
+// escapes or non-ASCII bytes in strings, numbers that are not plain
+// integers in range, base64 that does not decode. The caller then falls back
+// to encoding/json, which makes the decision (FuzzDecodeEnvelope checks that
+// both agree).
+func decodeEnvelope(raw []byte, e *Envelope) bool {
+	const (
+		fV = 1 << iota
+		fAlg
+		fSigner
+		fCert
+		fTS
+		fNonce
+		fBody
+		fSig
+	)
+	var (
+		seen uint
+		b64  [3][]byte // cert, body, sig as on the wire
+	)
+	d := envDecoder{b: raw}
+	d.space()
+	if !d.consume('{') {
+		return false
+	}
+	d.space()
+	if d.consume('}') {
+		return d.end()
+	}
+	for {
+		if !d.consume('"') {
+			return false
+		}
+		key, ok := d.plainString()
+		if !ok {
+			return false
+		}
+		d.space()
+		if !d.consume(':') {
+			return false
+		}
+		d.space()
+		var f uint
+		switch string(key) {
+		case "v":
+			var n int64
+			f, ok = fV, d.int(&n, strconv.IntSize)
+			e.Version = int(n)
+		case "alg":
+			var s []byte
+			f = fAlg
+			if s, ok = d.stringValue(); ok {
+				if string(s) == AlgEd25519 {
+					e.Alg = AlgEd25519
+				} else {
+					e.Alg = string(s)
+				}
+			}
+		case "signer":
+			var s []byte
+			f = fSigner
+			if s, ok = d.stringValue(); ok {
+				e.Signer = string(s)
+			}
+		case "cert":
+			f = fCert
+			b64[0], ok = d.base64Value()
+		case "ts":
+			f, ok = fTS, d.int(&e.TS, 64)
+		case "nonce":
+			var s []byte
+			f = fNonce
+			if s, ok = d.stringValue(); ok {
+				e.Nonce = string(s)
+			}
+		case "body":
+			f = fBody
+			b64[1], ok = d.base64Value()
+		case "sig":
+			f = fSig
+			b64[2], ok = d.base64Value()
+		default:
+			return false
+		}
+		if !ok || seen&f != 0 {
+			return false
+		}
+		seen |= f
+		d.space()
+		if d.consume('}') {
+			break
+		}
+		if !d.consume(',') {
+			return false
+		}
+		d.space()
+	}
+	if !d.end() {
+		return false
+	}
+	// One buffer for the decoded cert, body and signature, each slice capped
+	// so that appending to one cannot overwrite the next. Like encoding/json,
+	// a present but empty field decodes to an empty, non-nil slice.
+	n := 0
+	for _, s := range b64 {
+		n += base64.StdEncoding.DecodedLen(len(s))
+	}
+	buf := make([]byte, n)
+	dst := [3]*[]byte{&e.Cert, &e.Body, &e.Sig}
+	flag := [3]uint{fCert, fBody, fSig}
+	off := 0
+	for i, s := range b64 {
+		if seen&flag[i] == 0 {
+			continue // absent: stays nil
+		}
+		m, err := base64.StdEncoding.Decode(buf[off:], s)
+		if err != nil {
+			return false
+		}
+		*dst[i] = buf[off : off+m : off+m]
+		off += m
+	}
+	return true
+}
+
+// envDecoder reads the JSON of an envelope from b; see decodeEnvelope.
+type envDecoder struct {
+	b []byte
+	i int
+}
+
+func (d *envDecoder) space() {
+	for d.i < len(d.b) {
+		switch d.b[d.i] {
+		case ' ', '\t', '\n', '\r':
+			d.i++
+		default:
+			return
+		}
+	}
+}
+
+func (d *envDecoder) consume(c byte) bool {
+	if d.i < len(d.b) && d.b[d.i] == c {
+		d.i++
+		return true
+	}
+	return false
+}
+
+// end reports whether only whitespace is left.
+func (d *envDecoder) end() bool {
+	d.space()
+	return d.i == len(d.b)
+}
+
+// plainString reads the rest of a string whose opening quote has been
+// consumed, if it holds only printable ASCII without escapes.
+func (d *envDecoder) plainString() ([]byte, bool) {
+	start := d.i
+	for d.i < len(d.b) {
+		c := d.b[d.i]
+		switch {
+		case c == '"':
+			s := d.b[start:d.i]
+			d.i++
+			return s, true
+		case c == '\\' || c < 0x20 || c >= 0x80:
+			return nil, false
+		}
+		d.i++
+	}
+	return nil, false
+}
+
+// stringValue reads a string value as plainString does (not null).
+func (d *envDecoder) stringValue() ([]byte, bool) {
+	if !d.consume('"') {
+		return nil, false
+	}
+	return d.plainString()
+}
+
+// base64Value reads a string value without decoding it. It refuses raw
+// line breaks, which base64.StdEncoding would skip but JSON does not allow
+// in a string, and backslashes; base64 decoding refuses every other byte
+// outside the alphabet.
+func (d *envDecoder) base64Value() ([]byte, bool) {
+	if !d.consume('"') {
+		return nil, false
+	}
+	j := bytes.IndexByte(d.b[d.i:], '"')
+	if j < 0 {
+		return nil, false
+	}
+	s := d.b[d.i : d.i+j]
+	if bytes.IndexByte(s, '\\') >= 0 || bytes.IndexByte(s, '\n') >= 0 || bytes.IndexByte(s, '\r') >= 0 {
+		return nil, false
+	}
+	d.i += j + 1
+	return s, true
+}
+
+// int reads an integer in JSON syntax (no fraction or exponent) that fits
+// in bits bits.
+func (d *envDecoder) int(n *int64, bits int) bool {
+	start := d.i
+	d.consume('-')
+	digits := d.i
+	for d.i < len(d.b) && d.b[d.i] >= '0' && d.b[d.i] <= '9' {
+		d.i++
+	}
+	if d.i == digits || d.b[digits] == '0' && d.i-digits > 1 {
+		return false
+	}
+	v, err := strconv.ParseInt(string(d.b[start:d.i]), 10, bits)
+	if err != nil {
+		return false
+	}
+	*n = v
+	return true
 }
