@@ -7,10 +7,12 @@ package bridge
 
 import (
 	"context"
+	"crypto/tls"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"strings"
 	"sync"
@@ -90,10 +92,11 @@ type Bridge struct {
 	pres      *presenceState
 	presKick  chan struct{}
 
-	relayed atomic.Int64
-	failed  atomic.Int64
-	mu      sync.Mutex
-	refused map[string]int64
+	relayed    atomic.Int64
+	relayedOut atomic.Int64
+	failed     atomic.Int64
+	mu         sync.Mutex
+	refused    map[string]int64
 }
 
 type cluster struct {
@@ -101,6 +104,10 @@ type cluster struct {
 	jid     jid.JID
 	mapper  *nanite.Mapper
 	exports []export
+	url     string
+	tls     *tls.Config
+	proxies map[string]bool // identities of this bridge's proxy agents in the cluster
+	imports []*proxy
 }
 
 type export struct {
@@ -111,9 +118,10 @@ type export struct {
 
 // Stats are the bridge's counters.
 type Stats struct {
-	Relayed int64            // ops accepted and relayed into a cluster
-	Failed  int64            // relayed ops that ended with an error
-	Refused map[string]int64 // ops refused (nacked) by reason
+	Relayed    int64            // ops accepted and relayed into a cluster
+	RelayedOut int64            // requests relayed by proxy agents to remote clusters
+	Failed     int64            // relayed ops and requests that ended with an error
+	Refused    map[string]int64 // ops and proxied requests refused, by reason
 }
 
 // New returns a bridge for a validated config (LoadConfig); Run starts it.
@@ -178,7 +186,18 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		if err != nil {
 			return nil, fmt.Errorf("cluster %s: %w", cc.Name, err)
 		}
-		c := &cluster{cfg: cc, jid: cj, mapper: m}
+		c := &cluster{cfg: cc, jid: cj, mapper: m, url: u, tls: tc, proxies: map[string]bool{}}
+		for _, im := range cc.Imports {
+			px, err := newProxy(b, c, im)
+			if err != nil {
+				return nil, fmt.Errorf("cluster %s: import %s: %w", cc.Name, im.From, err)
+			}
+			if c.proxies[px.id] {
+				return nil, fmt.Errorf("cluster %s: %s is imported twice", cc.Name, im.From)
+			}
+			c.proxies[px.id] = true
+			c.imports = append(c.imports, px)
+		}
 		for _, e := range cc.Exports {
 			ex := export{services: e.Services, requireSig: e.RequireSignature}
 			for _, s := range e.To {
@@ -231,6 +250,18 @@ func (b *Bridge) Run(ctx context.Context) error {
 			}
 		}()
 	}
+	for _, c := range b.clusters {
+		for _, px := range c.imports {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				if err := px.run(ctx); err != nil {
+					errs <- fmt.Errorf("cluster %s: proxy for %s: %w", c.cfg.Name, px.remote, err)
+					cancel()
+				}
+			}()
+		}
+	}
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
@@ -282,7 +313,14 @@ func (b *Bridge) Stats() Stats {
 	for k, v := range b.refused {
 		r[k] = v
 	}
-	return Stats{Relayed: b.relayed.Load(), Failed: b.failed.Load(), Refused: r}
+	return Stats{Relayed: b.relayed.Load(), RelayedOut: b.relayedOut.Load(), Failed: b.failed.Load(), Refused: r}
+}
+
+// count counts a refusal.
+func (b *Bridge) count(reason string) {
+	b.mu.Lock()
+	b.refused[reason]++
+	b.mu.Unlock()
 }
 
 // refuse nacks the op and counts the reason.
@@ -389,12 +427,28 @@ func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra
 	if len(req.Meta.Tags) > 0 {
 		ropts = append(ropts, nanite.WithTags(req.Meta.Tags...))
 	}
-	if !offers(c.mapper.Agents(), service, target, req.Meta.Tags) {
+	// An op from XMPP never goes to this bridge's own proxy agents (it
+	// would be relayed out again: loops). When proxies offer the service
+	// too, the bridge picks the agent itself among the others.
+	agents, proxied := c.localAgents()
+	if !offers(agents, service, target, req.Meta.Tags) {
 		if target != "" {
 			return b.refuse(ctx, req, w, RefuseNoAgent, CodeNoAgent, "agent %s of %s does not offer %s", target, c.jid, service)
 		}
+		if offers(proxied, service, "", req.Meta.Tags) {
+			return b.refuse(ctx, req, w, RefuseNoAgent, CodeNoAgent, "no agent of %s offers %s (only proxies for remote clusters, which an op from XMPP never goes through)", c.jid, service)
+		}
 		return b.refuse(ctx, req, w, RefuseNoAgent, CodeNoAgent, "no agent of %s offers %s", c.jid, service)
 	}
+	if target == "" && selector != nanite.SelectAll && offers(proxied, service, "", req.Meta.Tags) {
+		target = pickAgent(agents, service, req.Meta.Tags, selector)
+		ropts = append(ropts, nanite.WithTarget(target))
+	}
+	hops := make([]string, 0, len(req.Meta.Hops)+1)
+	for _, h := range req.Meta.Hops {
+		hops = append(hops, h.By)
+	}
+	ropts = append(ropts, nanite.WithHops(append(hops, b.domain.Domainpart())...))
 	select {
 	case b.slots <- struct{}{}:
 		defer func() { <-b.slots }()
@@ -425,6 +479,9 @@ func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra
 	var okN int
 	var lastErr error
 	for _, r := range resp.Results {
+		if c.proxies[r.Agent] {
+			continue // selector all: this bridge's proxies refuse (loop)
+		}
 		if r.Err != nil {
 			lastErr = r.Err
 			if len(resp.Results) > 1 {
@@ -465,6 +522,44 @@ func offers(agents []nanite.AgentState, service, target string, tags []string) b
 		}
 	}
 	return false
+}
+
+// localAgents splits the cluster's agents into the others and this
+// bridge's proxies.
+func (c *cluster) localAgents() (agents, proxies []nanite.AgentState) {
+	for _, a := range c.mapper.Agents() {
+		if c.isProxy(a) {
+			proxies = append(proxies, a)
+		} else {
+			agents = append(agents, a)
+		}
+	}
+	return agents, proxies
+}
+
+// pickAgent chooses among agents offering service with tags: the least
+// loaded (status, then requests outstanding), or a random one for the
+// selectors random and rr.
+func pickAgent(agents []nanite.AgentState, service string, tags []string, selector string) string {
+	var cands []nanite.AgentState
+	for _, a := range agents {
+		if offers([]nanite.AgentState{a}, service, "", tags) {
+			cands = append(cands, a)
+		}
+	}
+	if len(cands) == 0 {
+		return ""
+	}
+	if selector == nanite.SelectRandom || selector == nanite.SelectRoundRobin {
+		return cands[rand.IntN(len(cands))].Identity
+	}
+	best := cands[0]
+	for _, a := range cands[1:] {
+		if a.Status < best.Status || (a.Status == best.Status && a.Pending < best.Pending) {
+			best = a
+		}
+	}
+	return best.Identity
 }
 
 func hasAll(have, want []string) bool {

@@ -94,11 +94,16 @@ type Export struct {
 	RequireSignature bool `yaml:"require_signature"`
 }
 
-// Import makes services of a remote cluster callable from a local one
-// (proxy agents; not implemented yet, validated only).
+// Import makes services of a remote cluster callable from a local one: the
+// bridge runs in the local vhost a proxy agent for the remote cluster JID
+// From, offering the services of From (as its disco#info lists them to this
+// bridge) that match the globs.
 type Import struct {
-	From     string   `yaml:"from"` // a cluster JID or a domain
+	From     string   `yaml:"from"` // a remote cluster JID (localpart@domain)
 	Services []string `yaml:"services"`
+	// AsTags are extra tags of the proxy agent (it always carries
+	// "nanite:proxy" and "remote:<domain>").
+	AsTags []string `yaml:"as_tags"`
 }
 
 // roots returns a pool of the trusted CAs (nil when none).
@@ -394,8 +399,17 @@ func (cl *ClusterConfig) validate(c *Config, v *validator, p []any) {
 		ip := at(p, "imports", i)
 		if im.From == "" {
 			v.errorf(at(ip, "from"), "required (a cluster JID or a domain)")
-		} else if _, err := jid.Parse(im.From); err != nil {
+		} else if j, err := jid.Parse(im.From); err != nil {
 			v.errorf(at(ip, "from"), "%q: %v", im.From, err)
+		} else if j.Localpart() == "" || j.Resourcepart() != "" {
+			v.errorf(at(ip, "from"), "%q is not a cluster JID (localpart@domain)", im.From)
+		} else if c.XMPP.Domain != "" && j.Domainpart() == c.XMPP.Domain {
+			v.errorf(at(ip, "from"), "%q is a cluster of this bridge (imports between local clusters are not supported)", im.From)
+		}
+		for k, tg := range im.AsTags {
+			if strings.TrimSpace(tg) == "" {
+				v.errorf(at(ip, "as_tags", k), "empty tag")
+			}
 		}
 		if len(im.Services) == 0 {
 			v.errorf(at(ip, "services"), "at least one service glob is required")

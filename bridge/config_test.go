@@ -71,6 +71,12 @@ func TestConfigErrors(t *testing.T) {
 			[]string{"clusters[0].exports[0].to:", "at least one"}},
 		{"secret file", strings.Replace(goodConfig, "secret: s3cret", "secret_file: /nonexistent/secret", 1),
 			[]string{"b.yaml:4: xmpp.secret_file:"}},
+		{"import from a domain", strings.Replace(goodConfig, "from: app@nanite.site-b.test", "from: nanite.site-b.test", 1),
+			[]string{"b.yaml:13: clusters[0].imports[0].from:", "not a cluster JID"}},
+		{"import from this bridge", strings.Replace(goodConfig, "from: app@nanite.site-b.test", "from: root@nanite.site-a.test", 1),
+			[]string{"b.yaml:13: clusters[0].imports[0].from:", "a cluster of this bridge"}},
+		{"import empty tag", strings.Replace(goodConfig, `        services: ["*"]`+"\n", `        services: ["*"]`+"\n        as_tags: [\"\"]\n", 1),
+			[]string{"clusters[0].imports[0].as_tags[0]:", "empty tag"}},
 	}
 	for _, c := range cases {
 		_, err := ParseConfig("b.yaml", []byte(c.yaml))

@@ -203,7 +203,8 @@ func (c *cluster) exportsTo(who jid.JID) bool {
 func (c *cluster) visibleAgents(asker jid.JID) ([]nanite.AgentState, [][]string) {
 	var as []nanite.AgentState
 	var svcs [][]string
-	for _, a := range c.mapper.Agents() {
+	agents, _ := c.localAgents() // proxies are never exported
+	for _, a := range agents {
 		if v := c.visible(a, asker); len(v) > 0 {
 			as = append(as, a)
 			svcs = append(svcs, v)

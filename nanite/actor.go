@@ -24,6 +24,9 @@ type Request struct {
 	Deadline time.Time       // zero when the requester set none
 	Tags     []string
 	Attempt  int // 0 the first time, n for the nth retry on another agent
+	// Hops are the bridges (XMPP domains) the request crossed before it
+	// entered this cluster, oldest first (WithHops); empty for local ones.
+	Hops []string
 
 	// Agent is the agent running the handler; handlers use it to make
 	// requests of their own through the mappers.

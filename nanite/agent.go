@@ -508,7 +508,7 @@ func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string,
 	}
 	defer cancel()
 	req := &Request{Service: svc, Payload: p.Payload, From: p.From, Token: p.Token,
-		Deadline: deadline, Tags: p.Tags, Attempt: p.Attempt, Agent: a}
+		Deadline: deadline, Tags: p.Tags, Attempt: p.Attempt, Hops: p.Hops, Agent: a}
 	if p.Kind == KindRequest {
 		req.intermediate = func(ctx context.Context, key string, v any) error {
 			b, err := json.Marshal(v)

@@ -44,7 +44,7 @@ func (a *Agent) originate(ctx context.Context, kind Kind, service string, payloa
 	deadline, _ := ctx.Deadline()
 	p := &Packet{Kind: kind, Type: svc, Payload: body, From: a.id, Token: newToken(),
 		Selector: o.selector, Target: o.target, Tags: o.tags, TagMatch: o.tagMatch,
-		Persistent: o.persistent, Failsafe: o.failsafe, Deadline: unixMilli(deadline)}
+		Persistent: o.persistent, Failsafe: o.failsafe, Deadline: unixMilli(deadline), Hops: o.hops}
 	if kind == KindRequest {
 		p.ReplyTo = ReplyQueue(a.id)
 	}

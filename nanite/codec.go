@@ -202,6 +202,16 @@ func appendPacket(b []byte, p *Packet) ([]byte, bool) {
 			return b, false
 		}
 	}
+	if len(p.Hops) > 0 {
+		b = append(b, `,"hops":[`...)
+		for i, h := range p.Hops {
+			if i > 0 {
+				b = append(b, ',')
+			}
+			b = appendString(b, h)
+		}
+		b = append(b, ']')
+	}
 	if len(p.Payload) > 0 {
 		b = append(b, `,"payload":`...)
 		b = append(b, p.Payload...)
@@ -441,6 +451,7 @@ const (
 	fTo
 	fSealed
 	fOrigin
+	fHops
 )
 
 // packet decodes a whole input holding one Packet object.
@@ -510,6 +521,8 @@ func (d *decoder) packet(p *Packet) bool {
 			f, ok = fSealed, d.byteSlice(&p.Sealed)
 		case "origin":
 			f, ok = fOrigin, d.raw(&p.Origin)
+		case "hops":
+			f, ok = fHops, d.strings(&p.Hops)
 		default:
 			return d.unknown(key)
 		}

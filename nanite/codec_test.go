@@ -120,6 +120,7 @@ func checkEncode(t *testing.T, p *Packet) {
 // codecExamples are the packets of docs/protocol.md, one or more of every
 // kind. All of them take the fast path.
 var codecExamples = []string{
+	`{"v":1,"packet":"request","type":"/echo/say","payload":{"text":"hi"},"from":"xmpp.nanite.site-b.test","token":"tok-h","reply_to":"nanite.reply.x","hops":["nanite.site-a.test","nanite.site-b.test"],"deadline":1795704222822}`,
 	`{"v":1,"packet":"request","type":"/raw/echo","payload":{"hello":"world"},"from":"mapper-497fb8c43a06","token":"96136167171f972c283bf427edf0189a","reply_to":"nanite.reply.mapper-497fb8c43a06","selector":"least_loaded","tag_match":"all","deadline":1795704214459}`,
 	`{"v":1,"packet":"request","type":"/raw/echo","payload":"kept","from":"mapper-497fb8c43a06","token":"1a6097c59b7d4b8f59973883e68af299","reply_to":"nanite.reply.mapper-497fb8c43a06","selector":"least_loaded","tags":["raw"],"tag_match":"all","persistent":true,"deadline":1795704239464}`,
 	`{"v":1,"packet":"request","type":"/calc/add","payload":{"a":2,"b":3},"from":"raw-requester-1","token":"tok-1","reply_to":"nanite.reply.raw-requester-1","deadline":1795704222822}`,
@@ -407,7 +408,8 @@ func TestCodecPacketFields(t *testing.T) {
 			identity,omitempty:string queue,omitempty:string services,omitempty:[]nanite.ServiceInfo
 			status,omitempty:*float64 in_flight,omitempty:int heartbeat_ms,omitempty:int64
 			agent_version,omitempty:string sent_at,omitempty:int64
-			to,omitempty:string sealed,omitempty:[]uint8 origin,omitempty:json.RawMessage`,
+			to,omitempty:string sealed,omitempty:[]uint8 origin,omitempty:json.RawMessage
+			hops,omitempty:[]string`,
 		reflect.TypeFor[ServiceInfo]():  `name:string idempotent,omitempty:bool`,
 		reflect.TypeFor[ErrorBody]():    `code:string message:string`,
 		reflect.TypeFor[ResultRecord](): `agent:string payload,omitempty:json.RawMessage error,omitempty:*nanite.ErrorBody`,

@@ -568,7 +568,7 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 	}
 	pkt := &Packet{Kind: kind, Type: svc, Payload: body, From: from, Token: token,
 		Selector: o.selector, Target: o.target, Tags: o.tags, TagMatch: o.tagMatch,
-		Persistent: o.persistent, Deadline: unixMilli(deadline), Origin: origin}
+		Persistent: o.persistent, Deadline: unixMilli(deadline), Origin: origin, Hops: o.hops}
 	if kind == KindRequest {
 		pkt.ReplyTo = ReplyQueue(m.instance)
 		m.stats.requests.Add(1)

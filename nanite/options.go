@@ -18,6 +18,7 @@ type requestOptions struct {
 	persistent     bool
 	failsafe       bool
 	onIntermediate func(Intermediate)
+	hops           []string
 }
 
 // WithSelector picks how agents are chosen: SelectLeastLoaded (default),
@@ -56,6 +57,13 @@ func OnIntermediate(f func(Intermediate)) RequestOption {
 	return func(o *requestOptions) { o.onIntermediate = f }
 }
 
+// WithHops records the bridges (their XMPP domains) the request crossed
+// before it entered the cluster; handlers see them as Request.Hops. Bridges
+// set it so that a request that already crossed them is not relayed again.
+func WithHops(hops ...string) RequestOption {
+	return func(o *requestOptions) { o.hops = append(o.hops, hops...) }
+}
+
 func buildOptions(opts []RequestOption) (requestOptions, error) {
 	var o requestOptions
 	for _, f := range opts {
@@ -91,6 +99,7 @@ func (o *requestOptions) fromPacket(p *Packet) {
 	}
 	o.persistent = p.Persistent
 	o.failsafe = p.Failsafe
+	o.hops = p.Hops
 }
 
 // marshalPayload encodes a payload: json.RawMessage and []byte holding JSON

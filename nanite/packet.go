@@ -84,6 +84,10 @@ type Packet struct {
 	To     string          `json:"to,omitempty"`     // the agent a request was signed for
 	Sealed []byte          `json:"sealed,omitempty"` // the payload, sealed to the recipient (base64)
 	Origin json.RawMessage `json:"origin,omitempty"` // the original caller's envelope, on relayed requests
+
+	// Federation (docs/bridge.md): the bridges (their XMPP domains) a
+	// request crossed before it entered this cluster, oldest first.
+	Hops []string `json:"hops,omitempty"`
 }
 
 // ServiceInfo describes one service an agent offers.
