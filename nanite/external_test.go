@@ -271,8 +271,13 @@ while :; do sleep 1; done
 	}
 	for _, f := range strings.Fields(string(b)) {
 		pid, _ := strconv.Atoi(f)
+		// SIGKILL is sent to the group before the call returns; on a busy
+		// machine the kernel may take a moment to finish the processes.
+		for end := time.Now().Add(5 * time.Second); !dead(pid) && time.Now().Before(end); {
+			time.Sleep(10 * time.Millisecond)
+		}
 		if !dead(pid) {
-			t.Errorf("process %d is still alive", pid)
+			t.Errorf("process %d is still alive 5 s after the kill", pid)
 			_ = syscall.Kill(pid, syscall.SIGKILL)
 		}
 	}
