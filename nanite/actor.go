@@ -27,6 +27,12 @@ type Request struct {
 	// Hops are the bridges (XMPP domains) the request crossed before it
 	// entered this cluster, oldest first (WithHops); empty for local ones.
 	Hops []string
+	// Selector and Target are the requester's choice of agents as it was
+	// sent (empty: least loaded). A gateway agent (a bridge's proxy for a
+	// remote cluster) uses them: a Target starting with TargetXMPP names
+	// the remote JID to call, SelectAll asks the remote cluster to fan out.
+	Selector string
+	Target   string
 
 	// Agent is the agent running the handler; handlers use it to make
 	// requests of their own through the mappers.

@@ -508,7 +508,8 @@ func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string,
 	}
 	defer cancel()
 	req := &Request{Service: svc, Payload: p.Payload, From: p.From, Token: p.Token,
-		Deadline: deadline, Tags: p.Tags, Attempt: p.Attempt, Hops: p.Hops, Agent: a}
+		Deadline: deadline, Tags: p.Tags, Attempt: p.Attempt, Hops: p.Hops,
+		Selector: p.Selector, Target: p.Target, Agent: a}
 	if p.Kind == KindRequest {
 		req.intermediate = func(ctx context.Context, key string, v any) error {
 			b, err := json.Marshal(v)
@@ -536,6 +537,11 @@ func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string,
 	res, herr := a.call(ctx, m, req)
 	var payload json.RawMessage
 	var ebody *ErrorBody
+	if mr, ok := res.(MultiResult); ok && herr == nil {
+		a.stats.succeeded.Add(1)
+		a.finishMulti(d, p, sealTo, mr)
+		return
+	}
 	switch {
 	case herr != nil:
 		ebody = herr
@@ -557,6 +563,24 @@ func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string,
 		a.stats.succeeded.Add(1)
 	}
 	a.finish(d, p, sealTo, payload, ebody)
+}
+
+// finishMulti answers with the results of several agents at once (a
+// gateway's MultiResult). They cannot be sealed: a sealed request gets an
+// error instead.
+func (a *Agent) finishMulti(d *delivery, p *Packet, sealTo security.SealKey, mr MultiResult) {
+	if !sealTo.IsZero() {
+		a.finish(d, p, sealTo, nil, &ErrorBody{Code: CodeHandler, Message: "the results of several agents cannot be sealed to the requester"})
+		return
+	}
+	rs := make([]ResultRecord, len(mr))
+	for i, r := range mr {
+		rs[i] = r
+		if r.Error == nil && (len(r.Payload) == 0 || !validJSON(r.Payload)) {
+			rs[i].Payload = json.RawMessage("null")
+		}
+	}
+	a.finishPacket(d, p, &Packet{Kind: KindResult, Token: p.Token, From: a.id, Results: rs})
 }
 
 // call runs the handler, turning a panic or a context end into an error.
@@ -593,6 +617,28 @@ func (a *Agent) finish(d *delivery, p *Packet, sealTo security.SealKey, payload 
 	if answer {
 		body = a.buildReply(p, sealTo, payload, ebody)
 	}
+	a.finishBody(d, p, answer, body)
+}
+
+// finishPacket is finish with a ready answer packet (signed, not sealed).
+func (a *Agent) finishPacket(d *delivery, p *Packet, rp *Packet) {
+	var body []byte
+	answer := p.Kind == KindRequest && p.ReplyTo != ""
+	if answer {
+		b, err := rp.Encode()
+		if err == nil {
+			b, err = a.cfg.Secure.wrap(b, false)
+		}
+		if err != nil {
+			a.log.Error("encode result", "err", err)
+		} else {
+			body = b
+		}
+	}
+	a.finishBody(d, p, answer, body)
+}
+
+func (a *Agent) finishBody(d *delivery, p *Packet, answer bool, body []byte) {
 	// Remember the answer before sending it, so that a copy arriving the
 	// moment after the requester got it is answered from the cache.
 	var waiters []string

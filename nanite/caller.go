@@ -94,6 +94,26 @@ func (c *call) complete(r Result) bool {
 	return fin
 }
 
+// completeFor records the results a gateway agent sent for several
+// agents at once, in place of its own. It returns false when the call does
+// not expect an answer from agent (the packet is then a relayed aggregate).
+func (c *call) completeFor(agent string, recs []ResultRecord) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.finished || c.expect == nil || !c.expect[agent] {
+		return false
+	}
+	delete(c.expect, agent)
+	for _, r := range recs {
+		c.results = append(c.results, Result{Agent: r.Agent, Payload: r.Payload, Err: remoteErr(r.Agent, r.Error)})
+	}
+	if len(c.expect) == 0 {
+		c.finished = true
+		close(c.done)
+	}
+	return true
+}
+
 // completeAll records a whole set of results and finishes the call.
 func (c *call) completeAll(rs []Result) {
 	c.mu.Lock()
@@ -193,7 +213,9 @@ func (t *calls) handleReply(p *Packet) *call {
 			c.onIntermediate(Intermediate{Agent: p.From, Key: p.Key, Payload: p.Payload})
 		}
 	case KindResult:
-		if len(p.Results) > 0 {
+		if len(p.Results) > 0 && c.completeFor(p.From, p.Results) {
+			// A gateway answered for several agents (MultiResult).
+		} else if len(p.Results) > 0 {
 			// An aggregated answer relayed by a mapper: it ends the call.
 			rs := make([]Result, 0, len(p.Results))
 			for _, r := range p.Results {

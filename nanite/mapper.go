@@ -846,7 +846,16 @@ func (m *Mapper) handleReply(d *delivery) {
 			m.agentGone(mc, p.From, CodeShutdown, p.Error.Message)
 			return
 		}
+		m.mu.Lock()
+		if mc.sentTo.has(p.From) {
+			mc.sentTo.del(p.From)
+			m.reg.addPending(p.From, -1)
+		}
+		m.mu.Unlock()
 		if len(p.Results) > 0 {
+			if mc.completeFor(p.From, p.Results) {
+				return // a gateway answered for several agents (MultiResult)
+			}
 			rs := make([]Result, 0, len(p.Results))
 			for _, r := range p.Results {
 				rs = append(rs, Result{Agent: r.Agent, Payload: r.Payload, Err: remoteErr(r.Agent, r.Error)})
@@ -854,12 +863,6 @@ func (m *Mapper) handleReply(d *delivery) {
 			mc.completeAll(rs)
 			return
 		}
-		m.mu.Lock()
-		if mc.sentTo.has(p.From) {
-			mc.sentTo.del(p.From)
-			m.reg.addPending(p.From, -1)
-		}
-		m.mu.Unlock()
 		mc.complete(Result{Agent: p.From, Payload: p.Payload, Err: remoteErr(p.From, p.Error)})
 	}
 }

@@ -25,7 +25,9 @@ type requestOptions struct {
 // SelectAll, SelectRandom or SelectRoundRobin.
 func WithSelector(s string) RequestOption { return func(o *requestOptions) { o.selector = s } }
 
-// WithTarget sends the request to the agent with this identity only.
+// WithTarget sends the request to the agent with this identity only. A
+// target starting with TargetXMPP names an XMPP JID reached through a
+// gateway agent (a bridge's proxy): see TargetXMPP.
 func WithTarget(identity string) RequestOption {
 	return func(o *requestOptions) { o.target = identity }
 }

@@ -6,6 +6,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"sort"
+	"strings"
 	"time"
 
 	"github.com/nanite-go/nanite/security"
@@ -262,6 +263,21 @@ func (e *agentEntry) hasTags(tags []string, match string) bool {
 // retries). Least-loaded without tags is O(1) (heap top); with exclusions or
 // tags it scans the agents offering the service.
 func (r *registry) pick(service string, o *requestOptions, exclude map[string]bool) []*agentEntry {
+	if strings.HasPrefix(o.target, TargetXMPP) {
+		// The gateway that reaches the JID (least loaded when several do).
+		for _, tag := range gatewayTags(o.target) {
+			var best *agentEntry
+			for e := range r.byTag[tag] {
+				if e.member[service] != nil && !exclude[e.Identity] && (best == nil || score(e, r.weight) < score(best, r.weight)) {
+					best = e
+				}
+			}
+			if best != nil {
+				return []*agentEntry{best}
+			}
+		}
+		return nil
+	}
 	if o.target != "" {
 		e := r.agents[o.target]
 		if e == nil || e.member[service] == nil || exclude[o.target] {
