@@ -23,6 +23,11 @@ type Data struct {
 	Intermediate bool    // an intermediate result (Key says which), not a result
 	Key          string
 	Payload      json.RawMessage
+	// Agent is the agent that produced it, when the responder says so (a
+	// cluster answering a fan-out); Failed marks that agent's error, with
+	// an error body as Payload.
+	Agent  string
+	Failed bool
 }
 
 // Result is the outcome of an op that ended with final.
@@ -32,6 +37,10 @@ type Result struct {
 	// Data are the op's results (its data elements not marked
 	// intermediate), in order. A Nanite actor sends exactly one.
 	Data []json.RawMessage
+	// Items are the same results with the agent that produced each (when
+	// the responder names them) and the failures of single agents of a
+	// fan-out (Failed), in order.
+	Items []Data
 }
 
 // Value returns the last result, or nil when there is none.
@@ -179,10 +188,14 @@ func (e *Endpoint) collect(ctx context.Context, c *call, o *callOptions, op stri
 			return true, &OpError{Nack: el.Kind == KindNack, From: ev.from, Op: op, Code: b.Code, Message: b.Message}
 		case KindData:
 			if o.onData != nil {
-				o.onData(Data{From: ev.from, Intermediate: el.Meta.Intermediate, Key: el.Meta.Key, Payload: el.Payload})
+				o.onData(Data{From: ev.from, Intermediate: el.Meta.Intermediate, Key: el.Meta.Key, Payload: el.Payload,
+					Agent: el.Meta.Agent, Failed: el.Meta.Failed})
 			}
 			if !el.Meta.Intermediate {
-				res.Data = append(res.Data, el.Payload)
+				if !el.Meta.Failed {
+					res.Data = append(res.Data, el.Payload)
+				}
+				res.Items = append(res.Items, Data{From: ev.from, Payload: el.Payload, Agent: el.Meta.Agent, Failed: el.Meta.Failed})
 			}
 		case KindFinal:
 			return true, nil

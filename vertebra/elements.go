@@ -89,6 +89,14 @@ type Meta struct {
 	// stanzas folded into <batch> elements (attribute batch="1"); see
 	// Batch.
 	Batch bool
+	// Agent, on a data, names the agent that produced it (attribute
+	// agent): a cluster answering for several agents (selector all) says
+	// which one gave which result.
+	Agent string
+	// Failed, on a data, says that this agent failed (attribute
+	// failed="1"): the payload is an error body {"code", "message"}. Used
+	// with Agent for one agent of a fan-out; the op itself goes on.
+	Failed bool
 }
 
 // Hop is one bridge an op crossed.
@@ -99,7 +107,7 @@ type Hop struct {
 
 func (m *Meta) isZero() bool {
 	return m.Timeout == 0 && m.RequestID == "" && m.Selector == "" && len(m.Tags) == 0 &&
-		len(m.Hops) == 0 && m.Signature == nil && m.Certificate == nil && m.Seq == 0 && !m.Intermediate && !m.Batch
+		len(m.Hops) == 0 && m.Signature == nil && m.Certificate == nil && m.Seq == 0 && !m.Intermediate && !m.Batch && m.Agent == "" && !m.Failed
 }
 
 // ErrorBody is the payload of a nack or error: {"code": ..., "message": ...}.
@@ -162,6 +170,12 @@ func (m *Meta) appendTokens(toks []xml.Token) []xml.Token {
 	}
 	if m.Batch {
 		attr("batch", "1")
+	}
+	if m.Agent != "" {
+		attr("agent", m.Agent)
+	}
+	if m.Failed {
+		attr("failed", "1")
 	}
 	toks = append(toks, st)
 	text := func(local, s string) []xml.Token {
@@ -300,6 +314,10 @@ func (m *Meta) decode(r xml.TokenReader, start xml.StartElement) error {
 			m.Selector = a.Value
 		case "batch":
 			m.Batch = a.Value == "1" || a.Value == "true"
+		case "agent":
+			m.Agent = a.Value
+		case "failed":
+			m.Failed = a.Value == "1" || a.Value == "true"
 		}
 	}
 	for {

@@ -289,6 +289,32 @@ func (w *Reply) Data(ctx context.Context, payload json.RawMessage) error {
 	return w.sendLocked(ctx, &Element{Kind: KindData, Payload: payload})
 }
 
+// DataFrom sends a result produced by the named agent (a cluster answering
+// for several agents: selector all).
+func (w *Reply) DataFrom(ctx context.Context, agent string, payload json.RawMessage) error {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.ackLocked(ctx); err != nil {
+		return err
+	}
+	return w.sendLocked(ctx, &Element{Kind: KindData, Payload: payload, Meta: Meta{Agent: agent}})
+}
+
+// FailedFor reports that one agent of a fan-out failed, without ending the
+// op: a data marked failed, with an error body.
+func (w *Reply) FailedFor(ctx context.Context, agent, code, message string) error {
+	body, err := json.Marshal(ErrorBody{Code: code, Message: message})
+	if err != nil {
+		return fmt.Errorf("vertebra: %w", err)
+	}
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if err := w.ackLocked(ctx); err != nil {
+		return err
+	}
+	return w.sendLocked(ctx, &Element{Kind: KindData, Payload: body, Meta: Meta{Agent: agent, Failed: true}})
+}
+
 // Final ends the op successfully.
 func (w *Reply) Final(ctx context.Context) error {
 	w.mu.Lock()
