@@ -69,6 +69,12 @@ type Options struct {
 	// PresenceInterval is how often agents' presence is brought up to date
 	// (default DefaultPresenceInterval).
 	PresenceInterval time.Duration
+	// DiscoveryInterval is how often proxies ask remote clusters for their
+	// services when no presence change prompts it (default
+	// DefaultDiscoveryInterval).
+	DiscoveryInterval time.Duration
+	// Agent adjusts the config of each proxy agent (tests: heartbeats).
+	Agent func(cluster string, cfg *nanite.AgentConfig)
 }
 
 // Bridge relays ops from XMPP into its clusters.
@@ -482,23 +488,27 @@ func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra
 		if c.proxies[r.Agent] {
 			continue // selector all: this bridge's proxies refuse (loop)
 		}
+		agent := r.Agent
+		if aj, err := AgentJID(c.jid, r.Agent); err == nil {
+			agent = aj.String()
+		}
 		if r.Err != nil {
 			lastErr = r.Err
-			if len(resp.Results) > 1 {
+			if selector == nanite.SelectAll {
+				// One agent of a fan-out failed: said, and the op goes on.
 				code, msg := errorCode(r.Err)
-				body, _ := json.Marshal(map[string]string{"agent": r.Agent, "code": code, "message": msg})
-				if err := w.Intermediate(ctx, "error", body); err != nil {
+				if err := w.FailedFor(ctx, agent, code, msg); err != nil {
 					return err
 				}
 			}
 			continue
 		}
 		okN++
-		if err := w.Data(ctx, r.Payload); err != nil {
+		if err := w.DataFrom(ctx, agent, r.Payload); err != nil {
 			return err
 		}
 	}
-	if okN == 0 && lastErr != nil {
+	if okN == 0 && lastErr != nil && selector != nanite.SelectAll {
 		b.failed.Add(1)
 		code, msg := errorCode(lastErr)
 		return w.Fail(ctx, code, msg)

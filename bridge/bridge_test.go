@@ -6,6 +6,7 @@ import (
 	"encoding/xml"
 	"errors"
 	"net/url"
+	"os"
 	"reflect"
 	"strings"
 	"sync"
@@ -24,7 +25,12 @@ import (
 	"github.com/nanite-go/nanite/vertebra"
 )
 
-func TestMain(m *testing.M) { testenv.Main(m) }
+func TestMain(m *testing.M) {
+	if os.Getenv(helperEnv) != "" {
+		os.Exit(runHelperAgent())
+	}
+	testenv.Main(m)
+}
 
 const (
 	siteDomain = "site-a.test"

@@ -7,8 +7,10 @@ import (
 	"fmt"
 	"slices"
 	"strings"
+	"sync"
 	"time"
 
+	"mellium.im/xmpp"
 	"mellium.im/xmpp/disco"
 	"mellium.im/xmpp/jid"
 	"mellium.im/xmpp/stanza"
@@ -27,12 +29,18 @@ const (
 	TagRemotePrefix = "remote:"
 )
 
-// ProxyStatus is the load a proxy agent reports. TODO: the remote
-// cluster's load, from the presence of its cluster JID (subscribe to it);
-// until then a constant that makes local agents win least-loaded picks.
+// ProxyStatus is the load a proxy agent reports while the remote side has
+// sent no presence (a peer that does not publish its agents' load). With
+// presence, a proxy reports the lowest load among the remote agents it
+// stands for.
 const ProxyStatus = 100.0
 
-// A proxy that found no matching remote service asks the remote cluster
+// DefaultDiscoveryInterval is how often a proxy asks the remote side for
+// its services again while nothing else prompts it (remote presence
+// changes prompt it at once).
+const DefaultDiscoveryInterval = 30 * time.Second
+
+// A proxy that found no matching remote service asks the remote side
 // again after proxyDiscoveryMin, doubling up to proxyDiscoveryMax.
 const (
 	proxyDiscoveryMin = 250 * time.Millisecond
@@ -40,20 +48,26 @@ const (
 )
 
 // proxy is the agent that stands, in a local cluster, for one imported
-// remote cluster.
+// remote cluster (or XMPP agent).
 type proxy struct {
 	b      *Bridge
 	c      *cluster
 	imp    Import
-	remote jid.JID
+	remote jid.JID // the imported JID: a bare cluster JID, or a full JID
 	id     string
+	kick   chan struct{}
+
+	mu       sync.Mutex
+	present  map[string]float64 // remote resources seen available, with their load
+	services []string           // what the running proxy agent offers
 }
 
 // ProxyIdentity is the identity of the proxy agent for the remote cluster
 // JID remote: "xmpp." followed by the JID with every character a nanite
-// identity cannot hold replaced by "_" (e.g. xmpp.app_nanite.site-b.test).
+// identity cannot hold replaced by "_" (e.g. xmpp.app_nanite.site-b.test;
+// an imported full JID keeps its resource: xmpp.bot_site-b.test_r1).
 func ProxyIdentity(remote jid.JID) string {
-	s := remote.Bare().String()
+	s := remote.String()
 	var b strings.Builder
 	b.WriteString("xmpp.")
 	for _, r := range s {
@@ -81,47 +95,181 @@ func newProxy(b *Bridge, c *cluster, imp Import) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &proxy{b: b, c: c, imp: imp, remote: remote.Bare(), id: ProxyIdentity(remote)}, nil
+	return &proxy{b: b, c: c, imp: imp, remote: remote, id: ProxyIdentity(remote),
+		kick: make(chan struct{}, 1), present: map[string]float64{}}, nil
 }
 
-// run discovers the remote services (disco#info of the remote cluster JID,
-// asked from the local cluster JID: the remote bridge lists what it
-// exports to us), then serves them as a nanite agent until ctx ends.
-// TODO: re-discover periodically and follow the remote set as it changes.
+// wake makes the proxy look at the remote side again now.
+func (p *proxy) wake() {
+	select {
+	case p.kick <- struct{}{}:
+	default:
+	}
+}
+
+// status is the proxy agent's load: the lowest load among the remote
+// agents seen available, ProxyStatus without presence.
+func (p *proxy) status() float64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	best, seen := ProxyStatus, false
+	for _, l := range p.present {
+		if !seen || l < best {
+			best, seen = l, true
+		}
+	}
+	return best
+}
+
+// presence records a remote resource's presence; it reports whether the
+// set of available resources changed.
+func (p *proxy) presence(resource string, available bool, load float64) bool {
+	if r := p.remote.Resourcepart(); r != "" && r != resource {
+		return false
+	}
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	_, had := p.present[resource]
+	if available {
+		p.present[resource] = load
+		return !had
+	}
+	delete(p.present, resource)
+	return had
+}
+
+// forget drops what the proxy knew of the remote presence (the XMPP
+// session ended).
+func (p *proxy) forget() {
+	p.mu.Lock()
+	clear(p.present)
+	p.mu.Unlock()
+}
+
+// Services returns what the proxy agent offers now.
+func (p *proxy) offered() []string {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return p.services
+}
+
+// run follows the remote side until ctx ends: it subscribes to its
+// presence (from the local cluster JID, which the remote bridge exports
+// to), asks disco#info for its services (the remote bridge lists what it
+// exports to us, from agents present), and runs the proxy agent offering
+// the services the import's globs cover. When the set changes (remote
+// agents come and go: presence prompts a new discovery at once) the agent
+// is restarted with the new set; when nothing matches or the XMPP session
+// is down, no proxy agent runs, so local requests fail at once with
+// no_agent (or wait in the failsafe queue when they asked for it).
 func (p *proxy) run(ctx context.Context) error {
-	var svcs []string
-	wait := proxyDiscoveryMin
+	iv := p.b.opts.DiscoveryInterval
+	if iv <= 0 {
+		iv = DefaultDiscoveryInterval
+	}
+	var (
+		agentStop func()
+		agentErr  chan error
+		lastSess  *xmpp.Session
+		wait      = proxyDiscoveryMin
+	)
+	stopAgent := func() {
+		if agentStop != nil {
+			agentStop()
+			agentStop, agentErr = nil, nil
+		}
+	}
+	defer stopAgent()
 	for {
 		select {
 		case <-p.b.ready:
 		case <-ctx.Done():
 			return nil
 		}
-		if s := p.b.session(); s != nil {
-			dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
-			info, err := disco.GetInfoIQ(dctx, "", stanza.IQ{To: p.remote, From: p.c.jid}, s)
-			cancel()
-			if err == nil {
-				svcs = p.match(info)
-			} else if ctx.Err() == nil {
-				p.b.log.Debug("proxy discovery", "remote", p.remote, "error", err)
+		svcs, keep := p.discover(ctx, &lastSess)
+		if !keep && !slices.Equal(svcs, p.offered()) {
+			stopAgent()
+			p.mu.Lock()
+			p.services = svcs
+			p.mu.Unlock()
+			if len(svcs) > 0 {
+				stop, errc, err := p.startAgent(svcs)
+				if err != nil {
+					return err
+				}
+				agentStop, agentErr = stop, errc
 			}
 		}
-		if len(svcs) > 0 {
-			break
+		next := iv
+		if len(p.offered()) == 0 {
+			next, wait = wait, min(2*wait, proxyDiscoveryMax)
+		} else {
+			wait = proxyDiscoveryMin
 		}
+		t := time.NewTimer(next)
 		select {
-		case <-time.After(wait):
+		case <-t.C:
+		case <-p.kick:
+			wait = proxyDiscoveryMin
+		case err := <-agentErr:
+			t.Stop()
+			agentStop, agentErr = nil, nil
+			return err
 		case <-ctx.Done():
+			t.Stop()
 			return nil
 		}
-		wait = min(2*wait, proxyDiscoveryMax)
+		t.Stop()
 	}
-	tags := append([]string{TagProxy, TagRemotePrefix + p.remote.Domainpart()}, p.imp.AsTags...)
-	a, err := nanite.NewAgent(nanite.AgentConfig{URL: p.c.url, TLS: p.c.tls, Identity: p.id, Tags: tags,
-		Status: func() float64 { return ProxyStatus }, Logger: p.b.log.With("proxy", p.id)})
+}
+
+// discover subscribes to the remote presence (again on each new session)
+// and asks the remote side for its services. keep is set when the answer
+// says nothing (a timeout): the proxy keeps what it offers.
+func (p *proxy) discover(ctx context.Context, lastSess **xmpp.Session) (svcs []string, keep bool) {
+	s := p.b.session()
+	if s == nil {
+		return nil, false
+	}
+	if s != *lastSess {
+		*lastSess = s
+		// Subscribe, then probe: a peer that already had us as subscriber
+		// sends everything again.
+		to := p.remote.Bare()
+		_ = sendPresence(s, stanza.Presence{From: p.c.jid, To: to, Type: stanza.SubscribePresence}, "")
+		_ = sendPresence(s, stanza.Presence{From: p.c.jid, To: to, Type: stanza.ProbePresence}, "")
+	}
+	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	info, err := disco.GetInfoIQ(dctx, "", stanza.IQ{To: p.remote, From: p.c.jid}, s)
+	cancel()
 	if err != nil {
-		return err
+		if ctx.Err() != nil {
+			return nil, true
+		}
+		var se stanza.Error
+		if errors.As(err, &se) {
+			// The remote side answered: it has nothing for us (gone,
+			// unknown, not exported).
+			p.b.log.Debug("proxy discovery", "remote", p.remote, "error", err)
+			return nil, false
+		}
+		p.b.log.Debug("proxy discovery: no answer", "remote", p.remote, "error", err)
+		return nil, true
+	}
+	return p.match(info), false
+}
+
+// startAgent runs the proxy agent offering svcs.
+func (p *proxy) startAgent(svcs []string) (stop func(), errc chan error, err error) {
+	tags := append([]string{TagProxy, TagRemotePrefix + p.remote.Domainpart(), nanite.GatewayTag(p.remote.String())}, p.imp.AsTags...)
+	cfg := nanite.AgentConfig{URL: p.c.url, TLS: p.c.tls, Identity: p.id, Tags: tags,
+		Status: p.status, Logger: p.b.log.With("proxy", p.id)}
+	if p.b.opts.Agent != nil {
+		p.b.opts.Agent(p.c.cfg.Name, &cfg)
+	}
+	a, err := nanite.NewAgent(cfg)
+	if err != nil {
+		return nil, nil, err
 	}
 	actors := map[string]*nanite.Actor{}
 	for _, s := range svcs {
@@ -137,7 +285,16 @@ func (p *proxy) run(ctx context.Context) error {
 		a.AddActor(act)
 	}
 	p.b.log.Info("proxy agent", "cluster", p.c.cfg.Name, "remote", p.remote, "identity", p.id, "services", svcs)
-	return a.Run(ctx)
+	ctx, cancel := context.WithCancel(context.Background())
+	errc = make(chan error, 1)
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := a.Run(ctx); err != nil {
+			errc <- err
+		}
+	}()
+	return func() { cancel(); <-done }, errc, nil
 }
 
 // match returns the remote services of info that the import's globs cover.
@@ -191,15 +348,28 @@ func (p *proxy) handle(ctx context.Context, r *nanite.Request) (any, error) {
 		p.b.count(RefuseBusy)
 		return nil, &nanite.RemoteError{Code: CodeBusy, Message: fmt.Sprintf("%s: %d ops in flight", RefuseBusy, cap(p.b.slots))}
 	}
+	to := p.remote
+	if strings.HasPrefix(r.Target, nanite.TargetXMPP) {
+		j, err := jid.Parse(strings.TrimPrefix(r.Target, nanite.TargetXMPP))
+		if err != nil || !(j.Equal(p.remote) || (p.remote.Resourcepart() == "" && j.Bare().Equal(p.remote))) {
+			return nil, &nanite.RemoteError{Code: nanite.CodeBadRequest, Message: fmt.Sprintf("target %q is not reached through %s", r.Target, p.remote)}
+		}
+		to = j
+	}
+	meta := vertebra.Meta{Hops: hops}
+	fanOut := r.Selector == nanite.SelectAll && to.Resourcepart() == ""
+	if fanOut {
+		meta.Selector = nanite.SelectAll
+	}
 	payload := r.Payload
 	if len(payload) == 0 {
 		payload = json.RawMessage("null")
 	}
 	p.b.relayedOut.Add(1)
 	var ierr error
-	res, err := p.b.ep.Call(ctx, p.remote, r.Service, payload,
+	res, err := p.b.ep.Call(ctx, to, r.Service, payload,
 		vertebra.WithFrom(p.c.jid),
-		vertebra.WithMeta(vertebra.Meta{Hops: hops}),
+		vertebra.WithMeta(meta),
 		vertebra.OnData(func(d vertebra.Data) {
 			if d.Intermediate && ierr == nil {
 				ierr = r.Intermediate(ctx, d.Key, json.RawMessage(d.Payload))
@@ -215,10 +385,30 @@ func (p *proxy) handle(ctx context.Context, r *nanite.Request) (any, error) {
 		case errors.As(err, &de):
 			return nil, &nanite.RemoteError{Code: nanite.CodeTimeout, Message: err.Error()}
 		}
-		return nil, &nanite.RemoteError{Code: nanite.CodeNotDelivered, Message: fmt.Sprintf("%s: %v", p.remote, err)}
+		return nil, &nanite.RemoteError{Code: nanite.CodeNotDelivered, Message: fmt.Sprintf("%s: %v", to, err)}
 	}
 	if ierr != nil {
 		return nil, ierr
+	}
+	if fanOut {
+		// One result per remote agent, named by its JID.
+		out := make(nanite.MultiResult, 0, len(res.Items))
+		for _, it := range res.Items {
+			agent := it.Agent
+			if agent == "" {
+				agent = res.From.String()
+			}
+			rec := nanite.ResultRecord{Agent: nanite.TargetXMPP + agent}
+			if it.Failed {
+				var eb vertebra.ErrorBody
+				_ = json.Unmarshal(it.Payload, &eb)
+				rec.Error = &nanite.ErrorBody{Code: eb.Code, Message: eb.Message}
+			} else {
+				rec.Payload = it.Payload
+			}
+			out = append(out, rec)
+		}
+		return out, nil
 	}
 	switch len(res.Data) {
 	case 0:

@@ -5,6 +5,7 @@ import (
 	"encoding/xml"
 	"errors"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -88,16 +89,22 @@ func (b *Bridge) serveSession(ctx context.Context, s *xmpp.Session) (stop bool) 
 		b.ep.Handle(), ping.Handle(),
 		mux.IQ(stanza.GetIQ, xml.Name{Space: disco.NSInfo, Local: "query"}, mux.IQHandlerFunc(b.discoInfo)),
 		mux.IQ(stanza.GetIQ, xml.Name{Space: disco.NSItems, Local: "query"}, mux.IQHandlerFunc(b.discoItems)),
-		mux.Presence(stanza.SubscribePresence, xml.Name{}, mux.PresenceHandlerFunc(b.onSubscribe)),
-		mux.Presence(stanza.UnsubscribePresence, xml.Name{}, mux.PresenceHandlerFunc(b.onUnsubscribe)),
-		mux.Presence(stanza.ProbePresence, xml.Name{}, mux.PresenceHandlerFunc(b.onProbe)),
 	)
+	// Presence is dispatched here, not by the mux: mellium's mux calls a
+	// presence handler once per child element, and never for a presence
+	// without children (a bare unavailable or subscribe).
+	h := xmpp.HandlerFunc(func(t xmlstream.TokenReadEncoder, start *xml.StartElement) error {
+		if start.Name.Local == "presence" {
+			return b.onPresence(t, start)
+		}
+		return m.HandleXMPP(t, start)
+	})
 	b.sessMu.Lock()
 	b.sess = s
 	b.sessMu.Unlock()
 	b.ep.SetSession(s)
 	done := make(chan error, 1)
-	go func() { done <- s.Serve(m) }()
+	go func() { done <- s.Serve(h) }()
 	sctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
 	wg.Go(func() { b.presenceLoop(sctx) })
@@ -132,6 +139,14 @@ func (b *Bridge) serveSession(ctx context.Context, s *xmpp.Session) (stop bool) 
 	b.pres.mu.Lock()
 	b.pres.sent = map[string]map[string]map[string]string{}
 	b.pres.mu.Unlock()
+	// What we knew of remote presence is void too: the proxies stop until
+	// the next session shows the remote side again.
+	for _, c := range b.clusters {
+		for _, px := range c.imports {
+			px.forget()
+			px.wake()
+		}
+	}
 	if err != nil && !stop {
 		b.log.Debug("bridge: session ended", "err", err)
 	}
@@ -324,6 +339,74 @@ func sendPresence(s *xmpp.Session, p stanza.Presence, status string) error {
 		payload = xmlstream.Wrap(xmlstream.Token(xml.CharData(status)), st)
 	}
 	return s.Send(context.Background(), p.Wrap(payload))
+}
+
+// presenceStanza is a presence as the bridge reads it.
+type presenceStanza struct {
+	From   string `xml:"from,attr"`
+	To     string `xml:"to,attr"`
+	Type   string `xml:"type,attr"`
+	Status string `xml:"status"`
+}
+
+// onPresence dispatches a presence stanza: subscription requests and
+// probes for the bridge's clusters, and the availability of the remote
+// agents its proxies stand for.
+func (b *Bridge) onPresence(t xmlstream.TokenReadEncoder, start *xml.StartElement) error {
+	var ps presenceStanza
+	d := xml.NewTokenDecoder(xmlstream.MultiReader(xmlstream.Token(*start), t))
+	if err := d.Decode(&ps); err != nil {
+		b.log.Debug("bridge: bad presence", "err", err)
+		return nil
+	}
+	from, err1 := jid.Parse(ps.From)
+	to, err2 := jid.Parse(ps.To)
+	if err1 != nil || err2 != nil {
+		return nil
+	}
+	p := stanza.Presence{From: from, To: to, Type: stanza.PresenceType(ps.Type)}
+	switch p.Type {
+	case stanza.SubscribePresence:
+		return b.onSubscribe(p, t)
+	case stanza.UnsubscribePresence:
+		return b.onUnsubscribe(p, t)
+	case stanza.ProbePresence:
+		return b.onProbe(p, t)
+	case stanza.AvailablePresence, stanza.UnavailablePresence:
+		b.onRemotePresence(p, strings.TrimSpace(ps.Status))
+	}
+	return nil
+}
+
+// onRemotePresence records the presence of a remote agent for the proxies
+// that import its cluster (or it), and prompts them to look again when
+// the set of available agents changed.
+func (b *Bridge) onRemotePresence(p stanza.Presence, status string) {
+	c := b.byLocal[p.To.Localpart()]
+	if c == nil {
+		return
+	}
+	load, ok := vertebra.ParseLoad(status)
+	if !ok {
+		load = ProxyStatus
+	}
+	available := p.Type == stanza.AvailablePresence
+	for _, px := range c.imports {
+		if !px.remote.Bare().Equal(p.From.Bare()) {
+			continue
+		}
+		if p.From.Resourcepart() == "" {
+			// The remote cluster JID itself: unavailable means all of it.
+			if !available {
+				px.forget()
+				px.wake()
+			}
+			continue
+		}
+		if px.presence(p.From.Resourcepart(), available, load) {
+			px.wake()
+		}
+	}
 }
 
 // onSubscribe approves subscriptions to a cluster JID from peers it exports
