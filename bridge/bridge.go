@@ -41,6 +41,7 @@ const (
 	RefuseHopLimit       = "hop_limit"          // the op crossed too many bridges
 	RefuseNoAgent        = "no_agent"           // no agent of the cluster offers the service (or the JID's agent is unknown)
 	RefuseBusy           = "busy"               // too many ops in flight
+	RefuseShutdown       = "shutdown"           // the bridge is shutting down
 )
 
 // Nack codes of refusals (besides vertebra's).
@@ -75,7 +76,13 @@ type Options struct {
 	DiscoveryInterval time.Duration
 	// Agent adjusts the config of each proxy agent (tests: heartbeats).
 	Agent func(cluster string, cfg *nanite.AgentConfig)
+	// DrainTimeout bounds how long a shutdown waits for the ops in flight
+	// (default DefaultDrainTimeout).
+	DrainTimeout time.Duration
 }
+
+// DefaultDrainTimeout is how long a shutdown waits for ops in flight.
+const DefaultDrainTimeout = 30 * time.Second
 
 // Bridge relays ops from XMPP into its clusters.
 type Bridge struct {
@@ -98,6 +105,7 @@ type Bridge struct {
 	pres      *presenceState
 	presKick  chan struct{}
 
+	draining   atomic.Bool
 	relayed    atomic.Int64
 	relayedOut atomic.Int64
 	failed     atomic.Int64
@@ -239,43 +247,51 @@ func (b *Bridge) ClusterJIDs() map[string]jid.JID {
 func (b *Bridge) Endpoint() *vertebra.Endpoint { return b.ep }
 
 // Run connects to every cluster and to the XMPP server and relays until ctx
-// ends. It returns an error when a broker or the XMPP server refuses the
+// ends, then shuts down gracefully: new ops are refused (nack shutdown),
+// the proxy agents leave their clusters (letting the requests they run
+// finish), the ops in flight are drained (at most Options.DrainTimeout),
+// the agents are said unavailable to subscribers, and the connections
+// close. Run returns an error when a broker or the XMPP server refuses the
 // bridge outright (credentials, vhost).
 func (b *Bridge) Run(ctx context.Context) error {
-	ctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	errs := make(chan error, len(b.clusters)+1)
-	var wg sync.WaitGroup
+	runCtx, cancelRun := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelRun()
+	proxyCtx, cancelProxies := context.WithCancel(runCtx)
+	defer cancelProxies()
+	errs := make(chan error, len(b.clusters)+1+b.proxyCount())
+	fail := func(err error) {
+		errs <- err
+		cancelRun()
+	}
+	var wg, proxies sync.WaitGroup
 	for _, c := range b.clusters {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			if err := c.mapper.Run(ctx); err != nil {
-				errs <- fmt.Errorf("cluster %s: %w", c.cfg.Name, err)
-				cancel()
+		wg.Go(func() {
+			if err := c.mapper.Run(runCtx); err != nil {
+				fail(fmt.Errorf("cluster %s: %w", c.cfg.Name, err))
 			}
-		}()
+		})
 	}
 	for _, c := range b.clusters {
 		for _, px := range c.imports {
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				if err := px.run(ctx); err != nil {
-					errs <- fmt.Errorf("cluster %s: proxy for %s: %w", c.cfg.Name, px.remote, err)
-					cancel()
+			proxies.Go(func() {
+				if err := px.run(proxyCtx); err != nil {
+					fail(fmt.Errorf("cluster %s: proxy for %s: %w", c.cfg.Name, px.remote, err))
 				}
-			}()
+			})
 		}
 	}
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		if err := b.runXMPP(ctx, b.dial); err != nil {
-			errs <- fmt.Errorf("xmpp: %w", err)
-			cancel()
+	wg.Go(func() {
+		if err := b.runXMPP(runCtx, b.dial); err != nil {
+			fail(fmt.Errorf("xmpp: %w", err))
 		}
-	}()
+	})
+	select {
+	case <-ctx.Done():
+		b.drain(cancelProxies, &proxies)
+	case <-runCtx.Done(): // a fatal error
+	}
+	cancelRun()
+	proxies.Wait()
 	wg.Wait()
 	_ = b.ep.Close()
 	close(errs)
@@ -284,6 +300,33 @@ func (b *Bridge) Run(ctx context.Context) error {
 		all = append(all, err)
 	}
 	return errors.Join(all...)
+}
+
+func (b *Bridge) proxyCount() int {
+	n := 0
+	for _, c := range b.clusters {
+		n += len(c.imports)
+	}
+	return n
+}
+
+// drain stops taking ops and waits for those in flight.
+func (b *Bridge) drain(stopProxies context.CancelFunc, proxies *sync.WaitGroup) {
+	b.draining.Store(true)
+	b.log.Info("bridge: shutting down", "in_flight", len(b.slots))
+	stopProxies()
+	proxies.Wait() // each proxy agent lets its running requests finish
+	timeout := b.opts.DrainTimeout
+	if timeout <= 0 {
+		timeout = DefaultDrainTimeout
+	}
+	deadline := time.Now().Add(timeout)
+	for len(b.slots) > 0 && time.Now().Before(deadline) {
+		time.Sleep(10 * time.Millisecond)
+	}
+	if n := len(b.slots); n > 0 {
+		b.log.Warn("bridge: ops still in flight at shutdown", "in_flight", n)
+	}
 }
 
 // Ready blocks until every cluster's mapper and the XMPP session are up.
@@ -342,6 +385,9 @@ func (b *Bridge) refuse(ctx context.Context, req *vertebra.Request, w *vertebra.
 // ServeOp implements vertebra.OpHandler: the XMPP → cluster flow. Every
 // check happens before anything is published to a broker.
 func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra.Reply) error {
+	if b.draining.Load() {
+		return b.refuse(ctx, req, w, RefuseShutdown, nanite.CodeShutdown, "bridge %s is shutting down", b.domain)
+	}
 	c := b.byLocal[req.To.Localpart()]
 	if req.To.Localpart() == "" || c == nil {
 		return b.refuse(ctx, req, w, RefuseUnknownCluster, vertebra.CodeUnknown, "%s is not a cluster of this bridge", req.To.Bare())

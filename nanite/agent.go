@@ -293,11 +293,24 @@ func (a *Agent) shutdown(linkCtx context.Context) {
 	a.link.stopConsuming()
 	done := make(chan struct{})
 	go func() { a.handlers.Wait(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(a.cfg.ShutdownGrace):
-		a.cancelHandler(fmt.Errorf("%w: agent shutting down", ErrClosed))
-		<-done
+	// Heartbeats go on while running handlers finish, so that mappers
+	// keep waiting for their results instead of declaring the agent lost.
+	hb := time.NewTicker(a.cfg.HeartbeatInterval)
+	defer hb.Stop()
+	grace := time.NewTimer(a.cfg.ShutdownGrace)
+	defer grace.Stop()
+wait:
+	for {
+		select {
+		case <-done:
+			break wait
+		case <-hb.C:
+			a.heartbeat(linkCtx)
+		case <-grace.C:
+			a.cancelHandler(fmt.Errorf("%w: agent shutting down", ErrClosed))
+			<-done
+			break wait
+		}
 	}
 	a.cancelHandler(ErrClosed)
 	if a.link.connected() {
