@@ -1,6 +1,6 @@
 // Package testenv starts real, private RabbitMQ and prosody servers for
-// tests: each in its own temporary directory, on free ports of 127.0.0.1,
-// never on the machine's default ports, and never shared with other test
+// tests: each in its own temporary directory, on free ports of 127.0.0.1
+// (or another loopback address), never on the machine's default ports, and never shared with other test
 // processes (go test runs packages in parallel).
 //
 // The servers come from Debian's packages (apt-get install -y
@@ -43,6 +43,28 @@
 //		Accounts:     []testenv.Account{{User: "alice", Host: "site-a.test", Password: "pw"}},
 //	})
 //	conn, err := net.Dial("tcp", p.ComponentAddr())
+//
+// # Federation (s2s)
+//
+// [RunFederatedProsody] starts several servers that federate over real
+// server-to-server connections: each on a loopback address of its own
+// (127.0.0.2, 127.0.0.3, ...), with an s2s listener on a private port
+// ([Prosody.S2SAddr]), TLS with certificates of one shared CA, and routes to
+// each other's domains:
+//
+//	ps := testenv.RunFederatedProsody(t,
+//		testenv.ProsodyOptions{VirtualHosts: []string{"site-a.test"},
+//			Components: map[string]string{"nanite.site-a.test": "s3cret"}},
+//		testenv.ProsodyOptions{VirtualHosts: []string{"site-b.test"},
+//			Components: map[string]string{"nanite.site-b.test": "s3cret"}})
+//	// a component of ps[0] sending to app@nanite.site-b.test reaches the
+//	// component of ps[1] over s2s; ps[1].S2SLinks() shows the connection.
+//
+// Name resolution is arranged inside the servers, not on the machine: a
+// plugin written to each server's directory replaces prosody's DNS lookup
+// of remote servers by static routes ([ProsodyOptions].S2SRoutes,
+// [Prosody.AddS2SRoute]); domains without a route are unreachable. Nothing
+// outside the servers' directories changes (docs/xmpp.md, "s2s in tests").
 //
 // # Diagnostics
 //

@@ -7,10 +7,13 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"syscall"
@@ -37,16 +40,42 @@ type ProsodyOptions struct {
 	ExtraConfig string
 	// Logger receives progress messages; nil discards them.
 	Logger *slog.Logger
+
+	// Interface is the loopback address the server listens on, e.g.
+	// "127.0.0.2" (Linux routes all of 127.0.0.0/8 to the loopback
+	// interface). Default: "127.0.0.1". Other addresses are refused: test
+	// servers never listen beyond the machine.
+	Interface string
+	// S2S turns on server-to-server connections (federation): an s2s
+	// listener on a private port of Interface ([Prosody.S2SAddr]), STARTTLS
+	// with the host certificates (required), authentication by certificate
+	// when the peer's CA is the server's own (servers from
+	// [StartFederatedProsody] share one CA) and by dialback otherwise.
+	// Remote domains are found only through static routes (S2SRoutes,
+	// [Prosody.AddS2SRoute]), never through DNS; an unrouted domain is
+	// unreachable at once. Without S2S (the default) the server has no s2s
+	// at all.
+	S2S bool
+	// S2SRoutes maps a remote XMPP domain (e.g. "nanite.site-b.test") to
+	// the address of the s2s listener that serves it, an IP address and
+	// port such as "127.0.0.3:41234". Only with S2S.
+	S2SRoutes map[string]string
+
+	// ca, when set, signs the host certificates instead of a CA of the
+	// server's own (StartFederatedProsody shares one between its servers).
+	ca *certAuthority
 }
 
 // Account is an XMPP account: User@Host with Password.
 type Account struct{ User, Host, Password string }
 
 // Prosody is a private prosody server: its own temporary directory
-// (configuration, data, certificates, logs) and ports on 127.0.0.1. Client
-// connections may authenticate with PLAIN without TLS; STARTTLS is offered
-// with certificates signed by CAFile. There is no s2s: the virtual hosts of
-// one server reach each other directly.
+// (configuration, data, certificates, logs) and ports on 127.0.0.1 (or
+// [ProsodyOptions].Interface). Client connections may authenticate with
+// PLAIN without TLS; STARTTLS is offered with certificates signed by CAFile.
+// By default there is no s2s: the virtual hosts of one server reach each
+// other directly. With [ProsodyOptions].S2S, or from
+// [StartFederatedProsody], it federates with other private servers.
 //
 // Start, Stop, Restart and Close must not be called concurrently with each
 // other; the other methods may be called at any time from any goroutine.
@@ -59,11 +88,13 @@ type Prosody struct {
 	ctlPath string
 
 	// Set by StartProsody before the first start, then constant.
-	c2sPort, compPort int
+	iface                      string
+	c2sPort, compPort, s2sPort int
 
-	mu     sync.Mutex // guards proc and closed
+	mu     sync.Mutex // guards proc, closed and routes
 	proc   *proc
 	closed bool
+	routes map[string]netip.AddrPort // s2s routes: domain -> listener
 }
 
 // StartProsody starts a private prosody server and waits until it listens
@@ -87,6 +118,14 @@ func StartProsody(ctx context.Context, opts ProsodyOptions) (*Prosody, error) {
 	default:
 		return nil, fmt.Errorf("testenv: prosody LogLevel %q: use \"info\" or \"debug\" (readiness is read from info-level log lines)", opts.LogLevel)
 	}
+	iface, err := loopbackInterface(opts.Interface)
+	if err != nil {
+		return nil, err
+	}
+	routes, err := parseS2SRoutes(opts.S2S, opts.S2SRoutes)
+	if err != nil {
+		return nil, err
+	}
 	dir, err := makeServerDir("prosody")
 	if err != nil {
 		return nil, err
@@ -98,6 +137,8 @@ func StartProsody(ctx context.Context, opts ProsodyOptions) (*Prosody, error) {
 		config:  filepath.Join(dir, "prosody.cfg.lua"),
 		binary:  binary,
 		ctlPath: ctlPath,
+		iface:   iface,
+		routes:  routes,
 	}
 	if err := p.setup(); err != nil {
 		_ = os.RemoveAll(dir)
@@ -105,12 +146,19 @@ func StartProsody(ctx context.Context, opts ProsodyOptions) (*Prosody, error) {
 	}
 	register(p)
 	for attempt := 1; ; attempt++ {
-		ports, err := freePorts(2)
+		nports := 2
+		if opts.S2S {
+			nports = 3
+		}
+		ports, err := freePortsOn(iface, nports)
 		if err != nil {
 			_ = p.Close()
 			return nil, err
 		}
 		p.c2sPort, p.compPort = ports[0], ports[1]
+		if opts.S2S {
+			p.s2sPort = ports[2]
+		}
 		if err := p.writeConfig(); err != nil {
 			_ = p.Close()
 			return nil, err
@@ -143,19 +191,29 @@ func (p *Prosody) setup() error {
 			return fmt.Errorf("testenv: %w", err)
 		}
 	}
-	ca, err := newCA("testenv prosody CA")
-	if err != nil {
-		return err
+	ca := p.opts.ca
+	if ca == nil {
+		var err error
+		if ca, err = newCA("testenv prosody CA"); err != nil {
+			return err
+		}
 	}
 	if err := writePEM(p.CAFile(), "CERTIFICATE", ca.cert.Raw, 0o644); err != nil {
 		return err
 	}
 	// Prosody looks for <host>.crt and <host>.key in its certificates dir.
-	for _, h := range p.opts.VirtualHosts {
+	// Components get their own too, for s2s (prosody would otherwise use
+	// the parent domain's, which does not name them). Servers present them
+	// as client certificates on outgoing s2s connections.
+	for _, h := range p.Domains() {
 		base := filepath.Join(p.dir, "certs", h)
-		if err := ca.issue(base+".crt", base+".key", h, []string{h}, x509.ExtKeyUsageServerAuth); err != nil {
+		if err := ca.issue(base+".crt", base+".key", h, []string{h},
+			x509.ExtKeyUsageServerAuth, x509.ExtKeyUsageClientAuth); err != nil {
 			return err
 		}
+	}
+	if p.opts.S2S {
+		return p.setupS2S()
 	}
 	return nil
 }
@@ -169,21 +227,26 @@ func (p *Prosody) writeConfig() error {
 	fmt.Fprintf(&b, "data_path = %s\n", q(filepath.Join(p.dir, "data")))
 	fmt.Fprintf(&b, "certificates = %s\n", q(filepath.Join(p.dir, "certs")))
 	fmt.Fprintf(&b, "log = { { levels = { min = %s }; to = \"file\"; filename = %s } }\n", q(p.opts.LogLevel), q(p.logPath()))
-	b.WriteString(`interfaces = { "127.0.0.1" }
-local_interfaces = { "127.0.0.1" }
-c2s_interfaces = { "127.0.0.1" }
-component_interfaces = { "127.0.0.1" }
-`)
+	for _, opt := range []string{"interfaces", "local_interfaces", "c2s_interfaces", "component_interfaces", "s2s_interfaces"} {
+		fmt.Fprintf(&b, "%s = { %s }\n", opt, q(p.iface))
+	}
 	fmt.Fprintf(&b, "c2s_ports = { %d }\n", p.c2sPort)
 	fmt.Fprintf(&b, "component_ports = { %d }\n", p.compPort)
 	b.WriteString(`c2s_direct_tls_ports = { }
 legacy_ssl_ports = { }
-s2s_ports = { }
+s2s_direct_tls_ports = { }
 http_ports = { }
 https_ports = { }
+`)
+	if p.opts.S2S {
+		p.writeS2SConfig(&b)
+	} else {
+		b.WriteString(`s2s_ports = { }
 modules_enabled = { "roster"; "saslauth"; "tls"; "disco"; "ping"; "posix" }
 modules_disabled = { "s2s"; "s2s_auth_certs" }
-authentication = "internal_hashed"
+`)
+	}
+	b.WriteString(`authentication = "internal_hashed"
 storage = "internal"
 c2s_require_encryption = false
 allow_unencrypted_plain_auth = true
@@ -202,12 +265,7 @@ limits = { c2s = { rate = "1024mb/s"; burst = "2s" }; s2sin = { rate = "1024mb/s
 	for _, h := range p.opts.VirtualHosts {
 		fmt.Fprintf(&b, "\nVirtualHost %s\n", q(h))
 	}
-	comps := make([]string, 0, len(p.opts.Components))
-	for c := range p.opts.Components {
-		comps = append(comps, c)
-	}
-	slices.Sort(comps)
-	for _, c := range comps {
+	for _, c := range p.Domains()[len(p.opts.VirtualHosts):] {
 		fmt.Fprintf(&b, "\nComponent %s\n\tcomponent_secret = %s\n", q(c), q(p.opts.Components[c]))
 	}
 	if err := os.WriteFile(p.config, []byte(b.String()), 0o600); err != nil {
@@ -249,11 +307,26 @@ func (p *Prosody) ConfigFile() string { return p.config }
 // certificates, for STARTTLS clients.
 func (p *Prosody) CAFile() string { return filepath.Join(p.dir, "ca.pem") }
 
-// C2SAddr returns the client-to-server address, 127.0.0.1:port.
-func (p *Prosody) C2SAddr() string { return hostPort(p.c2sPort) }
+// C2SAddr returns the client-to-server address, 127.0.0.1:port (or the
+// server's Interface instead of 127.0.0.1).
+func (p *Prosody) C2SAddr() string { return p.addr(p.c2sPort) }
 
-// ComponentAddr returns the XEP-0114 component address, 127.0.0.1:port.
-func (p *Prosody) ComponentAddr() string { return hostPort(p.compPort) }
+// ComponentAddr returns the XEP-0114 component address, 127.0.0.1:port (or
+// the server's Interface instead of 127.0.0.1).
+func (p *Prosody) ComponentAddr() string { return p.addr(p.compPort) }
+
+func (p *Prosody) addr(port int) string { return net.JoinHostPort(p.iface, strconv.Itoa(port)) }
+
+// Domains returns the server's XMPP domains, its virtual hosts and then its
+// component domains (sorted).
+func (p *Prosody) Domains() []string {
+	comps := make([]string, 0, len(p.opts.Components))
+	for c := range p.opts.Components {
+		comps = append(comps, c)
+	}
+	slices.Sort(comps)
+	return append(slices.Clone(p.opts.VirtualHosts), comps...)
+}
 
 // AddAccount registers an account (or changes its password) with prosodyctl
 // (about 0.1 s). It works whether the server runs or not.
@@ -314,17 +387,28 @@ func (p *Prosody) Start(ctx context.Context) error {
 		_ = pr.killGroup()
 		return fmt.Errorf("testenv: %v did not start: %w\n%s", p, err, p.tail(30))
 	}
-	p.log.Info("testenv: prosody ready", "c2s", p.C2SAddr(), "component", p.ComponentAddr(),
-		"took", time.Since(begin).Round(time.Millisecond))
+	attrs := []any{"c2s", p.C2SAddr(), "component", p.ComponentAddr()}
+	if p.opts.S2S {
+		attrs = append(attrs, "s2s", p.S2SAddr())
+	}
+	p.log.Info("testenv: prosody ready", append(attrs, "took", time.Since(begin).Round(time.Millisecond))...)
 	return nil
 }
 
-// waitReady waits until prosody logs that it listens on both ports (which
-// proves the listeners are its own) and they accept connections.
+// waitReady waits until prosody logs that it listens on its ports (which
+// proves the listeners are its own), they accept connections and, with s2s,
+// the routing plugin is loaded.
 func (p *Prosody) waitReady(ctx context.Context, pr *proc, logStart int64) error {
-	wantC2S := fmt.Sprintf("Activated service 'c2s' on [127.0.0.1]:%d", p.c2sPort)
-	wantComp := fmt.Sprintf("Activated service 'component' on [127.0.0.1]:%d", p.compPort)
-	needComp := len(p.opts.Components) > 0
+	want := []string{fmt.Sprintf("Activated service 'c2s' on [%s]:%d", p.iface, p.c2sPort)}
+	addrs := []string{p.C2SAddr()}
+	if len(p.opts.Components) > 0 {
+		want = append(want, fmt.Sprintf("Activated service 'component' on [%s]:%d", p.iface, p.compPort))
+		addrs = append(addrs, p.ComponentAddr())
+	}
+	if p.opts.S2S {
+		want = append(want, fmt.Sprintf("Activated service 's2s' on [%s]:%d", p.iface, p.s2sPort), s2sRoutesLoaded)
+		addrs = append(addrs, p.S2SAddr())
+	}
 	for {
 		if pr.exited() {
 			return fmt.Errorf("%w: %v", errExited, pr.exitError())
@@ -333,8 +417,17 @@ func (p *Prosody) waitReady(ctx context.Context, pr *proc, logStart int64) error
 		if strings.Contains(log, "Failed to open server port") {
 			return errPortBusy
 		}
-		if strings.Contains(log, wantC2S) && (!needComp || strings.Contains(log, wantComp)) &&
-			dialOK(ctx, p.C2SAddr()) && (!needComp || dialOK(ctx, p.ComponentAddr())) {
+		if p.opts.S2S && (strings.Contains(log, s2sRoutesFailed) || strings.Contains(log, s2sRoutesModuleError)) {
+			return errors.New("testenv's s2s routing module for prosody failed (written for prosody 0.12)")
+		}
+		ready := true
+		for _, w := range want {
+			ready = ready && strings.Contains(log, w)
+		}
+		for _, a := range addrs {
+			ready = ready && dialOK(ctx, a)
+		}
+		if ready {
 			return nil
 		}
 		if err := sleepCtx(ctx, pollInterval); err != nil {

@@ -74,7 +74,17 @@ func (c *xmppConn) openStream(ns, to string) string {
 
 type element struct {
 	XMLName xml.Name
-	Inner   string `xml:",innerxml"`
+	Attrs   []xml.Attr `xml:",any,attr"`
+	Inner   string     `xml:",innerxml"`
+}
+
+func (e element) attr(name string) string {
+	for _, a := range e.Attrs {
+		if a.Name.Local == name {
+			return a.Value
+		}
+	}
+	return ""
 }
 
 // next returns the next top-level element of the stream.
@@ -120,18 +130,26 @@ func plainAuth(t *testing.T, addr, domain, user, pass string) bool {
 // componentHandshake authenticates as a XEP-0114 component.
 func componentHandshake(t *testing.T, addr, domain, secret string) bool {
 	t.Helper()
+	_, ok := componentLogin(t, addr, domain, secret)
+	return ok
+}
+
+// componentLogin connects as a XEP-0114 component and reports whether the
+// server accepted; the connection stays open until the test ends.
+func componentLogin(t *testing.T, addr, domain, secret string) (*xmppConn, bool) {
+	t.Helper()
 	c := dialXMPP(t, addr)
 	id := c.openStream("jabber:component:accept", domain)
 	sum := sha1.Sum([]byte(id + secret))
 	c.send(`<handshake>%s</handshake>`, hex.EncodeToString(sum[:]))
 	switch e := c.next(); e.XMLName.Local {
 	case "handshake":
-		return true
+		return c, true
 	case "error":
-		return false
+		return c, false
 	default:
 		t.Fatalf("got <%s> after handshake", e.XMLName.Local)
-		return false
+		return c, false
 	}
 }
 

@@ -208,6 +208,35 @@ func RunProsody(t testing.TB, opts ProsodyOptions) *Prosody {
 	return p
 }
 
+// RunFederatedProsody starts private prosody servers that federate over
+// s2s, one per options (see [StartFederatedProsody]), for one test, and
+// closes them when the test ends. It calls [Require] and shows the servers'
+// logs if the test fails.
+//
+//	ps := testenv.RunFederatedProsody(t,
+//		testenv.ProsodyOptions{VirtualHosts: []string{"site-a.test"}, Components: map[string]string{"nanite.site-a.test": "s3cret"}},
+//		testenv.ProsodyOptions{VirtualHosts: []string{"site-b.test"}, Components: map[string]string{"nanite.site-b.test": "s3cret"}})
+//	a, b := ps[0], ps[1] // on 127.0.0.2 and 127.0.0.3
+func RunFederatedProsody(t testing.TB, opts ...ProsodyOptions) []*Prosody {
+	t.Helper()
+	Require(t, "prosody", "prosodyctl")
+	ctx, cancel := context.WithTimeout(context.Background(), startTimeout)
+	defer cancel()
+	ps, err := StartFederatedProsody(ctx, opts...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range ps {
+		t.Cleanup(func() {
+			if err := p.Close(); err != nil {
+				t.Error(err)
+			}
+		})
+		logOnFailure(t, p)
+	}
+	return ps
+}
+
 type logger interface {
 	Logs() string
 	String() string
@@ -295,7 +324,10 @@ func rabbitSbin() (string, error) {
 // freePorts returns n distinct TCP ports that were free on 127.0.0.1 a
 // moment ago. All listeners are held open until all ports are picked so the
 // ports differ from each other.
-func freePorts(n int) ([]int, error) {
+func freePorts(n int) ([]int, error) { return freePortsOn("127.0.0.1", n) }
+
+// freePortsOn is freePorts on another local address.
+func freePortsOn(host string, n int) ([]int, error) {
 	ports := make([]int, 0, n)
 	var ls []net.Listener
 	defer func() {
@@ -304,7 +336,7 @@ func freePorts(n int) ([]int, error) {
 		}
 	}()
 	for range n {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
+		l, err := net.Listen("tcp", net.JoinHostPort(host, "0"))
 		if err != nil {
 			return nil, fmt.Errorf("testenv: picking a free port: %w", err)
 		}

@@ -126,9 +126,9 @@ func newCA(name string) (*certAuthority, error) {
 }
 
 // issue writes a certificate for cn and hosts (DNS names or IPs) with the
-// given extended usage, and its key (mode 0600, SEC1 "EC PRIVATE KEY", which
+// given extended usages, and its key (mode 0600, SEC1 "EC PRIVATE KEY", which
 // both OpenSSL and Erlang read).
-func (ca *certAuthority) issue(certPath, keyPath, cn string, hosts []string, usage x509.ExtKeyUsage) error {
+func (ca *certAuthority) issue(certPath, keyPath, cn string, hosts []string, usage ...x509.ExtKeyUsage) error {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return fmt.Errorf("testenv: %w", err)
@@ -139,7 +139,7 @@ func (ca *certAuthority) issue(certPath, keyPath, cn string, hosts []string, usa
 		NotBefore:    time.Now().Add(-time.Hour),
 		NotAfter:     time.Now().Add(365 * 24 * time.Hour),
 		KeyUsage:     x509.KeyUsageDigitalSignature | x509.KeyUsageKeyEncipherment,
-		ExtKeyUsage:  []x509.ExtKeyUsage{usage},
+		ExtKeyUsage:  usage,
 	}
 	for _, h := range hosts {
 		if ip := net.ParseIP(h); ip != nil {
