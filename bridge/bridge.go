@@ -105,12 +105,13 @@ type Bridge struct {
 	pres      *presenceState
 	presKick  chan struct{}
 
-	draining   atomic.Bool
-	relayed    atomic.Int64
-	relayedOut atomic.Int64
-	failed     atomic.Int64
-	mu         sync.Mutex
-	refused    map[string]int64
+	draining     atomic.Bool
+	relayed      atomic.Int64
+	relayedOut   atomic.Int64
+	relayedLocal atomic.Int64
+	failed       atomic.Int64
+	mu           sync.Mutex
+	refused      map[string]int64
 }
 
 type cluster struct {
@@ -132,10 +133,11 @@ type export struct {
 
 // Stats are the bridge's counters.
 type Stats struct {
-	Relayed    int64            // ops accepted and relayed into a cluster
-	RelayedOut int64            // requests relayed by proxy agents to remote clusters
-	Failed     int64            // relayed ops and requests that ended with an error
-	Refused    map[string]int64 // ops and proxied requests refused, by reason
+	Relayed      int64            // ops accepted and relayed into a cluster
+	RelayedOut   int64            // requests relayed by proxy agents to remote clusters
+	RelayedLocal int64            // requests relayed by proxy agents between clusters of this bridge
+	Failed       int64            // relayed ops and requests that ended with an error
+	Refused      map[string]int64 // ops and proxied requests refused, by reason
 }
 
 // New returns a bridge for a validated config (LoadConfig); Run starts it.
@@ -225,6 +227,17 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		}
 		b.clusters = append(b.clusters, c)
 		b.byLocal[cj.Localpart()] = c
+	}
+	// Imports of this bridge's own clusters are local relays.
+	for _, c := range b.clusters {
+		for _, px := range c.imports {
+			if strings.EqualFold(px.remote.Domainpart(), domain.Domainpart()) {
+				px.local = b.byLocal[px.remote.Localpart()]
+				if px.local == nil || px.local == c {
+					return nil, fmt.Errorf("cluster %s: import %s: no other cluster of this bridge has that JID", c.cfg.Name, px.remote)
+				}
+			}
+		}
 	}
 	b.ep = vertebra.NewEndpoint(vertebra.Config{Handler: b, Logger: log.With("side", "xmpp")})
 	b.dial = vertebra.DialConfig{JID: domain, Secret: secret, Addr: cfg.XMPP.Server}
@@ -362,7 +375,7 @@ func (b *Bridge) Stats() Stats {
 	for k, v := range b.refused {
 		r[k] = v
 	}
-	return Stats{Relayed: b.relayed.Load(), RelayedOut: b.relayedOut.Load(), Failed: b.failed.Load(), Refused: r}
+	return Stats{Relayed: b.relayed.Load(), RelayedOut: b.relayedOut.Load(), RelayedLocal: b.relayedLocal.Load(), Failed: b.failed.Load(), Refused: r}
 }
 
 // count counts a refusal.

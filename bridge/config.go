@@ -99,7 +99,10 @@ type Export struct {
 // From, offering the services of From (as its disco#info lists them to this
 // bridge) that match the globs.
 type Import struct {
-	From     string   `yaml:"from"` // a remote cluster JID (localpart@domain)
+	// From is a cluster JID (localpart@domain: a remote cluster, or a
+	// cluster of this bridge) or an XMPP agent's full JID
+	// (localpart@domain/resource).
+	From     string   `yaml:"from"`
 	Services []string `yaml:"services"`
 	// AsTags are extra tags of the proxy agent (it always carries
 	// "nanite:proxy" and "remote:<domain>").
@@ -339,6 +342,27 @@ func (c *Config) validate(v *validator) {
 			}
 		}
 	}
+	// Imports from a cluster of this bridge (a local relay between vhosts):
+	// the cluster must exist and not be the importer itself. Its exports
+	// must list the importer too (checked on every request).
+	for i := range c.Clusters {
+		for k, im := range c.Clusters[i].Imports {
+			j, err := jid.Parse(im.From)
+			if err != nil || c.XMPP.Domain == "" || !strings.EqualFold(j.Domainpart(), c.XMPP.Domain) {
+				continue
+			}
+			ip := at([]any{"clusters", i}, "imports", k, "from")
+			own, ok := jids[j.Bare().String()]
+			switch {
+			case j.Resourcepart() != "":
+				v.errorf(ip, "%q: a local cluster is imported by its cluster JID, without a resource", im.From)
+			case !ok:
+				v.errorf(ip, "%q is on this bridge's domain but is no cluster of it", im.From)
+			case own == i:
+				v.errorf(ip, "a cluster cannot import itself")
+			}
+		}
+	}
 }
 
 func (cl *ClusterConfig) validate(c *Config, v *validator, p []any) {
@@ -401,10 +425,8 @@ func (cl *ClusterConfig) validate(c *Config, v *validator, p []any) {
 			v.errorf(at(ip, "from"), "required (a cluster JID or a domain)")
 		} else if j, err := jid.Parse(im.From); err != nil {
 			v.errorf(at(ip, "from"), "%q: %v", im.From, err)
-		} else if j.Localpart() == "" || j.Resourcepart() != "" {
-			v.errorf(at(ip, "from"), "%q is not a cluster JID (localpart@domain)", im.From)
-		} else if c.XMPP.Domain != "" && j.Domainpart() == c.XMPP.Domain {
-			v.errorf(at(ip, "from"), "%q is a cluster of this bridge (imports between local clusters are not supported)", im.From)
+		} else if j.Localpart() == "" {
+			v.errorf(at(ip, "from"), "%q is not a cluster JID (localpart@domain) or an XMPP agent's JID (localpart@domain/resource)", im.From)
 		}
 		for k, tg := range im.AsTags {
 			if strings.TrimSpace(tg) == "" {

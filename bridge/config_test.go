@@ -26,7 +26,17 @@ clusters:
     vhost: /nanite
 `
 
+// localImport adds to goodConfig an import of cluster app by cluster root
+// (a relay between two local vhosts).
+const localImport = goodConfig + `    imports:
+      - from: app@nanite.site-a.test
+        services: ["/echo/*"]
+`
+
 func TestConfigGood(t *testing.T) {
+	if _, err := ParseConfig("b.yaml", []byte(localImport)); err != nil {
+		t.Errorf("local import: %v", err)
+	}
 	cfg, err := ParseConfig("b.yaml", []byte(goodConfig))
 	if err != nil {
 		t.Fatal(err)
@@ -73,8 +83,10 @@ func TestConfigErrors(t *testing.T) {
 			[]string{"b.yaml:4: xmpp.secret_file:"}},
 		{"import from a domain", strings.Replace(goodConfig, "from: app@nanite.site-b.test", "from: nanite.site-b.test", 1),
 			[]string{"b.yaml:13: clusters[0].imports[0].from:", "not a cluster JID"}},
-		{"import from this bridge", strings.Replace(goodConfig, "from: app@nanite.site-b.test", "from: root@nanite.site-a.test", 1),
-			[]string{"b.yaml:13: clusters[0].imports[0].from:", "a cluster of this bridge"}},
+		{"import from an unknown local cluster", strings.Replace(goodConfig, "from: app@nanite.site-b.test", "from: root@nanite.site-a.test", 1),
+			[]string{"b.yaml:13: clusters[0].imports[0].from:", "is no cluster of it"}},
+		{"import itself", strings.Replace(goodConfig, "from: app@nanite.site-b.test", "from: app@nanite.site-a.test", 1),
+			[]string{"b.yaml:13: clusters[0].imports[0].from:", "cannot import itself"}},
 		{"import empty tag", strings.Replace(goodConfig, `        services: ["*"]`+"\n", `        services: ["*"]`+"\n        as_tags: [\"\"]\n", 1),
 			[]string{"clusters[0].imports[0].as_tags[0]:", "empty tag"}},
 	}

@@ -53,7 +53,8 @@ type proxy struct {
 	b      *Bridge
 	c      *cluster
 	imp    Import
-	remote jid.JID // the imported JID: a bare cluster JID, or a full JID
+	remote jid.JID  // the imported JID: a bare cluster JID, or a full JID
+	local  *cluster // the imported cluster when it is one of this bridge's (a local relay)
 	id     string
 	kick   chan struct{}
 
@@ -163,6 +164,9 @@ func (p *proxy) offered() []string {
 // is down, no proxy agent runs, so local requests fail at once with
 // no_agent (or wait in the failsafe queue when they asked for it).
 func (p *proxy) run(ctx context.Context) error {
+	if p.local != nil {
+		return p.runLocal(ctx)
+	}
 	iv := p.b.opts.DiscoveryInterval
 	if iv <= 0 {
 		iv = DefaultDiscoveryInterval
@@ -299,25 +303,183 @@ func (p *proxy) startAgent(svcs []string) (stop func(), errc chan error, err err
 
 // match returns the remote services of info that the import's globs cover.
 func (p *proxy) match(info disco.Info) []string {
-	var out []string
+	var list []string
 	for _, f := range info.Features {
-		s, ok := strings.CutPrefix(f.Var, vertebra.ServiceFeature(""))
-		if !ok {
-			continue
+		if svc, ok := strings.CutPrefix(f.Var, vertebra.ServiceFeature("")); ok {
+			list = append(list, svc)
 		}
+	}
+	return p.matchList(list)
+}
+
+// matchList returns the services of list that the import's globs cover
+// (never the built-in /nanite/* ones), sorted, without duplicates.
+func (p *proxy) matchList(list []string) []string {
+	var out []string
+	for _, s := range list {
 		svc, err := nanite.NormalizeService(s)
 		if err != nil || svc != s || strings.HasPrefix(svc, "/"+nanite.BuiltinActor+"/") {
 			continue
 		}
-		for _, g := range p.imp.Services {
-			if matchService(g, svc) {
-				out = append(out, svc)
-				break
-			}
+		if p.imported(svc) {
+			out = append(out, svc)
 		}
 	}
 	slices.Sort(out)
 	return slices.Compact(out)
+}
+
+// imported reports whether the import's globs cover svc.
+func (p *proxy) imported(svc string) bool {
+	for _, g := range p.imp.Services {
+		if matchService(g, svc) {
+			return true
+		}
+	}
+	return false
+}
+
+// runLocal follows a cluster of this bridge (a local relay): the services
+// its exports allow to the importing cluster, from the agents present, and
+// their lowest load, looked at every presence interval.
+func (p *proxy) runLocal(ctx context.Context) error {
+	iv := p.b.opts.PresenceInterval
+	if iv <= 0 {
+		iv = DefaultPresenceInterval
+	}
+	var (
+		agentStop func()
+		agentErr  chan error
+	)
+	defer func() {
+		if agentStop != nil {
+			agentStop()
+		}
+	}()
+	t := time.NewTicker(iv)
+	defer t.Stop()
+	for {
+		agents, vis := p.local.visibleAgents(p.c.jid)
+		var list []string
+		present := map[string]float64{}
+		for i, a := range agents {
+			if m := p.matchList(vis[i]); len(m) > 0 {
+				list = append(list, m...)
+				present[a.Identity] = a.Status
+			}
+		}
+		svcs := p.matchList(list)
+		p.mu.Lock()
+		p.present = present
+		p.mu.Unlock()
+		if !slices.Equal(svcs, p.offered()) {
+			if agentStop != nil {
+				agentStop()
+				agentStop, agentErr = nil, nil
+			}
+			p.mu.Lock()
+			p.services = svcs
+			p.mu.Unlock()
+			if len(svcs) > 0 {
+				stop, errc, err := p.startAgent(svcs)
+				if err != nil {
+					return err
+				}
+				agentStop, agentErr = stop, errc
+			}
+		}
+		select {
+		case <-t.C:
+		case err := <-agentErr:
+			agentStop = nil
+			return err
+		case <-ctx.Done():
+			return nil
+		}
+	}
+}
+
+// relayLocal relays a request into another cluster of this bridge, when
+// that cluster's exports allow the service to the importing cluster (and
+// the policy to its JID): the same checks as an op from XMPP, without the
+// XMPP leg.
+func (p *proxy) relayLocal(ctx context.Context, r *nanite.Request) (any, error) {
+	dst, svc := p.local, r.Service
+	if !p.imported(svc) || !dst.allowed(svc, p.c.jid) {
+		p.b.count(RefuseNotExported)
+		return nil, &nanite.RemoteError{Code: vertebra.CodeUnauthorized,
+			Message: fmt.Sprintf("%s: %s of %s is not exported to %s", RefuseNotExported, svc, dst.jid, p.c.jid)}
+	}
+	if p.b.policy != nil {
+		pa := vertebra.PolicyAuthorizer{Policy: p.b.policy}
+		if err := pa.Authorize(ctx, p.c.jid.String(), "", svc); err != nil {
+			p.b.count(RefusePolicy)
+			return nil, &nanite.RemoteError{Code: vertebra.CodeUnauthorized, Message: fmt.Sprintf("%s: %v", RefusePolicy, err)}
+		}
+	}
+	target := ""
+	if strings.HasPrefix(r.Target, nanite.TargetXMPP) {
+		if j, err := jid.Parse(strings.TrimPrefix(r.Target, nanite.TargetXMPP)); err == nil {
+			target = j.Resourcepart()
+		}
+	}
+	agents, proxied := dst.localAgents()
+	if !offers(agents, svc, target, nil) {
+		p.b.count(RefuseNoAgent)
+		return nil, &nanite.RemoteError{Code: CodeNoAgent, Message: fmt.Sprintf("%s: no agent of %s offers %s", RefuseNoAgent, dst.jid, svc)}
+	}
+	// The hop record gets this bridge's domain, as for an op from XMPP,
+	// so that the other cluster's proxies never relay it further.
+	opts := []nanite.RequestOption{nanite.WithHops(append(slices.Clone(r.Hops), p.b.domain.Domainpart())...),
+		nanite.OnIntermediate(func(in nanite.Intermediate) { _ = r.Intermediate(ctx, in.Key, in.Payload) })}
+	if !r.Deadline.IsZero() {
+		opts = append(opts, nanite.WithTimeout(time.Until(r.Deadline)))
+	}
+	fanOut := r.Selector == nanite.SelectAll && target == ""
+	switch {
+	case target != "":
+		opts = append(opts, nanite.WithTarget(target))
+	case fanOut:
+		opts = append(opts, nanite.WithSelector(nanite.SelectAll))
+	case offers(proxied, svc, "", nil):
+		opts = append(opts, nanite.WithTarget(pickAgent(agents, svc, nil, r.Selector)))
+	}
+	payload := r.Payload
+	if len(payload) == 0 {
+		payload = json.RawMessage("null")
+	}
+	p.b.relayedLocal.Add(1)
+	resp, err := dst.mapper.Request(ctx, svc, payload, opts...)
+	if err != nil {
+		p.b.failed.Add(1)
+		code, msg := errorCode(err)
+		return nil, &nanite.RemoteError{Code: code, Message: msg}
+	}
+	if fanOut {
+		out := make(nanite.MultiResult, 0, len(resp.Results))
+		for _, res := range resp.Results {
+			if dst.proxies[res.Agent] {
+				continue
+			}
+			name := res.Agent
+			if aj, err := AgentJID(dst.jid, res.Agent); err == nil {
+				name = nanite.TargetXMPP + aj.String()
+			}
+			rec := nanite.ResultRecord{Agent: name, Payload: res.Payload}
+			if res.Err != nil {
+				code, msg := errorCode(res.Err)
+				rec.Payload, rec.Error = nil, &nanite.ErrorBody{Code: code, Message: msg}
+			}
+			out = append(out, rec)
+		}
+		return out, nil
+	}
+	res := resp.Results[0]
+	if res.Err != nil {
+		code, msg := errorCode(res.Err)
+		return nil, &nanite.RemoteError{Code: code, Message: msg}
+	}
+	return res.Payload, nil
 }
 
 // handle relays one request of the local cluster to the remote cluster as
@@ -347,6 +509,9 @@ func (p *proxy) handle(ctx context.Context, r *nanite.Request) (any, error) {
 	default:
 		p.b.count(RefuseBusy)
 		return nil, &nanite.RemoteError{Code: CodeBusy, Message: fmt.Sprintf("%s: %d ops in flight", RefuseBusy, cap(p.b.slots))}
+	}
+	if p.local != nil {
+		return p.relayLocal(ctx, r)
 	}
 	to := p.remote
 	if strings.HasPrefix(r.Target, nanite.TargetXMPP) {
