@@ -97,6 +97,9 @@ type Bridge struct {
 	policy   *security.PolicyHolder
 	verifier vertebra.Verifier // nil without trust.ca_files
 	slots    chan struct{}
+	dir      *vertebra.Directory // the site directory (config "directory"), or nil
+	dirJID   jid.JID
+	dirAllow []peer
 
 	sessMu    sync.Mutex
 	sess      *xmpp.Session
@@ -227,6 +230,11 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		}
 		b.clusters = append(b.clusters, c)
 		b.byLocal[cj.Localpart()] = c
+	}
+	if cfg.Directory != nil {
+		if err := b.newDirectory(cfg.Directory); err != nil {
+			return nil, err
+		}
 	}
 	// Imports of this bridge's own clusters are local relays.
 	for _, c := range b.clusters {
@@ -400,6 +408,9 @@ func (b *Bridge) refuse(ctx context.Context, req *vertebra.Request, w *vertebra.
 func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra.Reply) error {
 	if b.draining.Load() {
 		return b.refuse(ctx, req, w, RefuseShutdown, nanite.CodeShutdown, "bridge %s is shutting down", b.domain)
+	}
+	if b.dir != nil && req.To.Bare().Equal(b.dirJID) {
+		return b.serveDirectory(ctx, req, w)
 	}
 	c := b.byLocal[req.To.Localpart()]
 	if req.To.Localpart() == "" || c == nil {

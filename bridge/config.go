@@ -37,11 +37,28 @@ type Config struct {
 	// Policy is a security policy file (docs/security.md) consulted, after
 	// the export rules, for every op from XMPP: caller jid:<sender>.
 	Policy string `yaml:"policy"`
+	// Directory, when set, makes the bridge host the site's directory
+	// (vertebra's /security/advertise and /security/discover).
+	Directory *DirectoryConfig `yaml:"directory"`
 
 	// Dir is the directory of the config file; relative paths are
 	// resolved against it.
 	Dir string `yaml:"-"`
 }
+
+// DirectoryConfig is the site directory the bridge hosts at
+// <Localpart>@<domain>.
+type DirectoryConfig struct {
+	// Localpart of the directory's JID (default "directory"). It must not
+	// be a cluster's.
+	Localpart string `yaml:"localpart"`
+	// Allow lists who may advertise and discover, as export "to" entries
+	// (JIDs, *@domain, domain, *).
+	Allow []string `yaml:"allow"`
+}
+
+// DefaultDirectoryLocalpart is the localpart of the directory's JID.
+const DefaultDirectoryLocalpart = "directory"
 
 // XMPPConfig is how the bridge joins the XMPP server: as an external
 // component (XEP-0114) at Domain.
@@ -339,6 +356,31 @@ func (c *Config) validate(v *validator) {
 				v.errorf(at(p, "vhost"), "cluster JID %s is also that of clusters[%d] (localparts are case-folded)", j, k)
 			} else {
 				jids[j.String()] = i
+			}
+		}
+	}
+	if d := c.Directory; d != nil {
+		dp := []any{"directory"}
+		if d.Localpart == "" {
+			d.Localpart = DefaultDirectoryLocalpart
+		}
+		if j, err := jid.New(d.Localpart, "example.org", ""); err != nil || j.Localpart() != d.Localpart {
+			v.errorf(at(dp, "localpart"), "%q is not a JID localpart", d.Localpart)
+		} else if c.XMPP.Domain != "" {
+			if dj, err := jid.New(d.Localpart, c.XMPP.Domain, ""); err == nil {
+				if k, ok := jids[dj.String()]; ok {
+					v.errorf(at(dp, "localpart"), "%s is also the JID of clusters[%d]", dj, k)
+				}
+			}
+		}
+		if len(d.Allow) == 0 {
+			v.errorf(at(dp, "allow"), "at least one entry is required (who may advertise and discover)")
+		}
+		for k, a := range d.Allow {
+			if _, err := parsePeer(a); err != nil {
+				v.errorf(at(dp, "allow", k), "%v", err)
+			} else if strings.HasPrefix(a, "cert:") {
+				v.errorf(at(dp, "allow", k), "cert: entries are not supported here (directory ops are not checked for signatures)")
 			}
 		}
 	}

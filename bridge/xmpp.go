@@ -373,6 +373,9 @@ func (b *Bridge) onPresence(t xmlstream.TokenReadEncoder, start *xml.StartElemen
 	case stanza.ProbePresence:
 		return b.onProbe(p, t)
 	case stanza.AvailablePresence, stanza.UnavailablePresence:
+		if p.Type == stanza.UnavailablePresence && b.dir != nil {
+			b.dir.Forget(p.From) // a directory entry goes with its JID
+		}
 		b.onRemotePresence(p, strings.TrimSpace(ps.Status))
 	}
 	return nil
