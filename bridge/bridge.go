@@ -6,6 +6,7 @@
 package bridge
 
 import (
+	"bytes"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -95,7 +96,9 @@ type Bridge struct {
 	clusters []*cluster
 	byLocal  map[string]*cluster // by the cluster JID's (case-folded, escaped) localpart
 	policy   *security.PolicyHolder
-	verifier vertebra.Verifier // nil without trust.ca_files
+	verifier vertebra.Verifier  // nil without trust.ca_files
+	secv     *security.Verifier // the same, for Nanite envelopes
+	identity *security.Identity // the bridge's own (config identity), or nil
 	slots    chan struct{}
 	dir      *vertebra.Directory // the site directory (config "directory"), or nil
 	dirJID   jid.JID
@@ -182,6 +185,15 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 			return nil, fmt.Errorf("trust: %w", err)
 		}
 		b.verifier = vertebra.IdentityVerifier{Verifier: v}
+		b.secv = v
+	}
+	if cfg.Identity != nil {
+		if b.identity, err = security.LoadIdentity(cfg.Path(cfg.Identity.CertFile), cfg.Path(cfg.Identity.KeyFile)); err != nil {
+			return nil, fmt.Errorf("identity: %w", err)
+		}
+		if b.identity.Role != security.RoleBridge {
+			return nil, fmt.Errorf("identity: the certificate of %s has the role %s, not %s", b.identity.Name, b.identity.Role, security.RoleBridge)
+		}
 	}
 	for i := range cfg.Clusters {
 		cc := &cfg.Clusters[i]
@@ -198,6 +210,13 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 			return nil, fmt.Errorf("cluster %s: %w", cc.Name, err)
 		}
 		mc := nanite.MapperConfig{URL: u, TLS: tc, Logger: log.With("cluster", cc.Name)}
+		if cc.Secure {
+			if b.identity == nil || b.secv == nil {
+				return nil, fmt.Errorf("cluster %s: secure mode needs identity and trust.ca_files", cc.Name)
+			}
+			mc.Identity = b.identity.Name
+			mc.Secure = &nanite.Secure{Identity: b.identity, Verifier: b.secv}
+		}
 		if opts.Mapper != nil {
 			opts.Mapper(cc.Name, &mc)
 		}
@@ -440,6 +459,25 @@ func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra
 		signedBy = by
 		_, signer = vertebra.ParseSigner(by)
 	}
+	// An origin: a bridge relays for a caller of its cluster. The caller's
+	// own signed request must verify too, and be this op; from then on the
+	// caller is who the export rules and the policy judge.
+	if len(req.Meta.Origin) > 0 {
+		if signedBy == "" {
+			return b.refuse(ctx, req, w, RefuseBadSignature, vertebra.CodeUnauthorized, "an op with an origin must be signed by the bridge that relays it (and trust.ca_files set here)")
+		}
+		if role, _ := vertebra.ParseSigner(signedBy); role != security.RoleBridge {
+			return b.refuse(ctx, req, w, RefuseBadSignature, vertebra.CodeUnauthorized, "only bridges relay ops on behalf of callers, not %s", signedBy)
+		}
+		orig, peer, err := nanite.OpenOrigin(b.secv, req.Meta.Origin, 0, security.RoleClient, security.RoleMapper, security.RoleAgent)
+		if err != nil {
+			return b.refuse(ctx, req, w, RefuseBadSignature, vertebra.CodeUnauthorized, "origin: %v", err)
+		}
+		if err := sameRequest(orig, service, req.Payload); err != nil {
+			return b.refuse(ctx, req, w, RefuseBadSignature, vertebra.CodeUnauthorized, "origin: %v", err)
+		}
+		signedBy, signer = vertebra.SignerString(peer.Role, peer.Name), peer.Name
+	}
 	// Export rules.
 	exported, allowed, needSig := false, false, false
 	for _, e := range c.exports {
@@ -525,6 +563,11 @@ func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra
 		hops = append(hops, h.By)
 	}
 	ropts = append(ropts, nanite.WithHops(append(hops, b.domain.Domainpart())...))
+	if c.cfg.Secure && len(req.Meta.Origin) > 0 {
+		// The cluster's agents check the caller's signature and apply
+		// their policy to the caller, not to this bridge.
+		ropts = append(ropts, nanite.WithOrigin(req.Meta.Origin))
+	}
 	select {
 	case b.slots <- struct{}{}:
 		defer func() { <-b.slots }()
@@ -584,6 +627,32 @@ func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra
 		return w.Fail(ctx, code, msg)
 	}
 	return w.Final(ctx)
+}
+
+// sameRequest checks that the origin orig is the request for service with
+// payload (as the op carries it: canonical JSON of its typed values).
+func sameRequest(orig *nanite.Packet, service string, payload json.RawMessage) error {
+	svc, err := nanite.NormalizeService(orig.Type)
+	if err != nil || svc != service {
+		return fmt.Errorf("the caller asked for %q, the op is %s", orig.Type, service)
+	}
+	if len(orig.Sealed) > 0 {
+		return errors.New("the caller's payload is sealed to the proxy: sealed requests do not cross bridges")
+	}
+	want := orig.Payload
+	if len(want) == 0 {
+		want = json.RawMessage("null")
+	}
+	a, err1 := vertebra.CanonicalPayload(want)
+	got := payload
+	if len(got) == 0 {
+		got = json.RawMessage("null")
+	}
+	b, err2 := vertebra.CanonicalPayload(got)
+	if err1 != nil || err2 != nil || !bytes.Equal(a, b) {
+		return errors.New("the payload is not the one the caller signed")
+	}
+	return nil
 }
 
 // offers reports whether an agent matching target and tags offers service.

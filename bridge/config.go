@@ -40,10 +40,21 @@ type Config struct {
 	// Directory, when set, makes the bridge host the site's directory
 	// (vertebra's /security/advertise and /security/discover).
 	Directory *DirectoryConfig `yaml:"directory"`
+	// Identity is the bridge's certificate (role bridge) and key. With
+	// it, the bridge signs the ops it relays out (with the caller's own
+	// signed request as origin, from secure clusters) and runs as a
+	// mapper in secure clusters.
+	Identity *IdentityConfig `yaml:"identity"`
 
 	// Dir is the directory of the config file; relative paths are
 	// resolved against it.
 	Dir string `yaml:"-"`
+}
+
+// IdentityConfig names a certificate and its key (nanite pki issue).
+type IdentityConfig struct {
+	CertFile string `yaml:"cert_file"`
+	KeyFile  string `yaml:"key_file"`
 }
 
 // DirectoryConfig is the site directory the bridge hosts at
@@ -85,6 +96,12 @@ type ClusterConfig struct {
 	TLS          *TLSConfig `yaml:"tls"`
 	Exports      []Export   `yaml:"exports"`
 	Imports      []Import   `yaml:"imports"`
+	// Secure: the cluster runs in secure mode (docs/security.md). The
+	// bridge's mapper signs as identity and verifies with trust.ca_files
+	// (which must hold the cluster's CA); ops carrying a caller's origin
+	// are relayed on that caller's behalf; proxy agents need their own
+	// certificate (imports[].identity).
+	Secure bool `yaml:"secure"`
 }
 
 // TLSConfig configures amqps:// connections to a broker.
@@ -124,6 +141,10 @@ type Import struct {
 	// AsTags are extra tags of the proxy agent (it always carries
 	// "nanite:proxy" and "remote:<domain>").
 	AsTags []string `yaml:"as_tags"`
+	// Identity is the proxy agent's certificate in a secure cluster: its
+	// name must be the proxy's identity (bridge.ProxyIdentity, printed
+	// by "nanite bridge --check"), its role agent.
+	Identity *IdentityConfig `yaml:"identity"`
 }
 
 // roots returns a pool of the trusted CAs (nil when none).
@@ -359,6 +380,9 @@ func (c *Config) validate(v *validator) {
 			}
 		}
 	}
+	if id := c.Identity; id != nil {
+		c.checkIdentity(v, []any{"identity"}, id)
+	}
 	if d := c.Directory; d != nil {
 		dp := []any{"directory"}
 		if d.Localpart == "" {
@@ -461,8 +485,29 @@ func (cl *ClusterConfig) validate(c *Config, v *validator, p []any) {
 			v.errorf(at(ep, "require_signature"), "needs trust.ca_files to verify signatures")
 		}
 	}
+	if cl.Secure {
+		if c.Identity == nil {
+			v.errorf(at(p, "secure"), "needs the bridge's identity (identity.cert_file, identity.key_file)")
+		}
+		if len(c.Trust.CAFiles) == 0 {
+			v.errorf(at(p, "secure"), "needs trust.ca_files (with the cluster's CA)")
+		}
+	}
 	for i, im := range cl.Imports {
 		ip := at(p, "imports", i)
+		switch {
+		case im.Identity != nil && !cl.Secure:
+			v.errorf(at(ip, "identity"), "only for a cluster in secure mode")
+		case im.Identity == nil && cl.Secure:
+			v.errorf(at(ip, "identity"), "required in a secure cluster: the proxy agent's certificate")
+		case im.Identity != nil:
+			c.checkIdentity(v, at(ip, "identity"), im.Identity)
+			if j, err := jid.Parse(im.From); err == nil && im.Identity.CertFile != "" {
+				if id, err := security.LoadIdentity(c.Path(im.Identity.CertFile), c.Path(im.Identity.KeyFile)); err == nil && id.Name != ProxyIdentity(j) {
+					v.errorf(at(ip, "identity"), "the certificate is for %q; the proxy agent's identity is %q", id.Name, ProxyIdentity(j))
+				}
+			}
+		}
 		if im.From == "" {
 			v.errorf(at(ip, "from"), "required (a cluster JID or a domain)")
 		} else if j, err := jid.Parse(im.From); err != nil {
@@ -482,6 +527,20 @@ func (cl *ClusterConfig) validate(c *Config, v *validator, p []any) {
 			if err := checkGlob(s); err != nil {
 				v.errorf(at(ip, "services", k), "%v", err)
 			}
+		}
+	}
+}
+
+// checkIdentity checks that both files of an identity are given and load.
+func (c *Config) checkIdentity(v *validator, p []any, id *IdentityConfig) {
+	switch {
+	case id.CertFile == "":
+		v.errorf(at(p, "cert_file"), "required")
+	case id.KeyFile == "":
+		v.errorf(at(p, "key_file"), "required")
+	default:
+		if _, err := security.LoadIdentity(c.Path(id.CertFile), c.Path(id.KeyFile)); err != nil {
+			v.errorf(p, "%v", err)
 		}
 	}
 }

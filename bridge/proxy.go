@@ -16,6 +16,7 @@ import (
 	"mellium.im/xmpp/stanza"
 
 	"github.com/nanite-go/nanite/nanite"
+	"github.com/nanite-go/nanite/security"
 	"github.com/nanite-go/nanite/vertebra"
 )
 
@@ -56,6 +57,7 @@ type proxy struct {
 	remote jid.JID  // the imported JID: a bare cluster JID, or a full JID
 	local  *cluster // the imported cluster when it is one of this bridge's (a local relay)
 	id     string
+	ident  *security.Identity // the proxy agent's certificate, in a secure cluster
 	kick   chan struct{}
 
 	mu       sync.Mutex
@@ -96,8 +98,20 @@ func newProxy(b *Bridge, c *cluster, imp Import) (*proxy, error) {
 	if err != nil {
 		return nil, err
 	}
-	return &proxy{b: b, c: c, imp: imp, remote: remote, id: ProxyIdentity(remote),
-		kick: make(chan struct{}, 1), present: map[string]float64{}}, nil
+	px := &proxy{b: b, c: c, imp: imp, remote: remote, id: ProxyIdentity(remote),
+		kick: make(chan struct{}, 1), present: map[string]float64{}}
+	if c.cfg.Secure {
+		if imp.Identity == nil || b.secv == nil {
+			return nil, errors.New("a proxy agent in a secure cluster needs its identity and trust.ca_files")
+		}
+		if px.ident, err = security.LoadIdentity(b.cfg.Path(imp.Identity.CertFile), b.cfg.Path(imp.Identity.KeyFile)); err != nil {
+			return nil, err
+		}
+		if px.ident.Name != px.id {
+			return nil, fmt.Errorf("the certificate is for %q; the proxy agent's identity is %q", px.ident.Name, px.id)
+		}
+	}
+	return px, nil
 }
 
 // wake makes the proxy look at the remote side again now.
@@ -268,6 +282,9 @@ func (p *proxy) startAgent(svcs []string) (stop func(), errc chan error, err err
 	tags := append([]string{TagProxy, TagRemotePrefix + p.remote.Domainpart(), nanite.GatewayTag(p.remote.String())}, p.imp.AsTags...)
 	cfg := nanite.AgentConfig{URL: p.c.url, TLS: p.c.tls, Identity: p.id, Tags: tags,
 		Status: p.status, Logger: p.b.log.With("proxy", p.id)}
+	if p.ident != nil {
+		cfg.Secure = &nanite.Secure{Identity: p.ident, Verifier: p.b.secv}
+	}
 	if p.b.opts.Agent != nil {
 		p.b.opts.Agent(p.c.cfg.Name, &cfg)
 	}
@@ -435,6 +452,9 @@ func (p *proxy) relayLocal(ctx context.Context, r *nanite.Request) (any, error) 
 	if !r.Deadline.IsZero() {
 		opts = append(opts, nanite.WithTimeout(time.Until(r.Deadline)))
 	}
+	if dst.cfg.Secure && len(r.Origin) > 0 {
+		opts = append(opts, nanite.WithOrigin(r.Origin))
+	}
 	fanOut := r.Selector == nanite.SelectAll && target == ""
 	switch {
 	case target != "":
@@ -529,6 +549,15 @@ func (p *proxy) handle(ctx context.Context, r *nanite.Request) (any, error) {
 	payload := r.Payload
 	if len(payload) == 0 {
 		payload = json.RawMessage("null")
+	}
+	if p.b.identity != nil {
+		// Signed as this bridge, on behalf of the caller: its own signed
+		// request goes along (secure clusters) for the far side to check.
+		meta.RequestID, meta.Origin = r.Token, r.Origin
+		if err := vertebra.Sign(ctx, vertebra.IdentitySigner{Identity: p.b.identity}, to, r.Service, payload, &meta); err != nil {
+			p.b.failed.Add(1)
+			return nil, &nanite.RemoteError{Code: nanite.CodeInternal, Message: fmt.Sprintf("sign the op: %v", err)}
+		}
 	}
 	p.b.relayedOut.Add(1)
 	var ierr error

@@ -33,6 +33,13 @@ type Request struct {
 	// the remote JID to call, SelectAll asks the remote cluster to fan out.
 	Selector string
 	Target   string
+	// Caller and Origin are set in secure mode: the certificate name of
+	// who asked (the signer of the origin envelope for a request relayed
+	// by a mapper or bridge), and the request as that caller signed it
+	// (an envelope, security.ParseEnvelope). A bridge's proxy passes the
+	// origin on, so that the far side can check the caller too.
+	Caller string
+	Origin []byte
 
 	// Agent is the agent running the handler; handlers use it to make
 	// requests of their own through the mappers.

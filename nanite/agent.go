@@ -506,10 +506,25 @@ func (a *Agent) handleDelivery(d *delivery) {
 		a.dedupe.begin(p.Token, p.ReplyTo)
 	}
 	a.inflight.Add(1)
-	go a.run(d, p, sealTo, svc, m, deadline)
+	var from origin
+	if sec != nil {
+		from.caller = in.caller
+		from.envelope = p.Origin
+		if len(from.envelope) == 0 {
+			from.envelope = d.Body
+		}
+	}
+	go a.run(d, p, sealTo, svc, m, deadline, from)
 }
 
-func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string, m *Method, deadline time.Time) {
+// origin is who asked, in secure mode: the signer of the request (of its
+// origin envelope for a relayed one) and that envelope.
+type origin struct {
+	caller   *security.Peer
+	envelope []byte
+}
+
+func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string, m *Method, deadline time.Time, from origin) {
 	defer a.handlers.Done()
 	defer a.inflight.Add(-1)
 	ctx := a.handlerCtx
@@ -522,7 +537,10 @@ func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string,
 	defer cancel()
 	req := &Request{Service: svc, Payload: p.Payload, From: p.From, Token: p.Token,
 		Deadline: deadline, Tags: p.Tags, Attempt: p.Attempt, Hops: p.Hops,
-		Selector: p.Selector, Target: p.Target, Agent: a}
+		Selector: p.Selector, Target: p.Target, Origin: from.envelope, Agent: a}
+	if from.caller != nil {
+		req.Caller = from.caller.Name
+	}
 	if p.Kind == KindRequest {
 		req.intermediate = func(ctx context.Context, key string, v any) error {
 			b, err := json.Marshal(v)

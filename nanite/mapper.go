@@ -523,6 +523,17 @@ func (m *Mapper) Request(ctx context.Context, service string, payload any, opts 
 	if err != nil {
 		return nil, err
 	}
+	if len(o.origin) > 0 {
+		env, err := security.ParseEnvelope(o.origin)
+		if err != nil {
+			return nil, fmt.Errorf("nanite: origin: %w", err)
+		}
+		orig, err := DecodePacket(env.Body, m.cfg.MaxPayload)
+		if err != nil {
+			return nil, fmt.Errorf("nanite: origin: %w", err)
+		}
+		return m.request(ctx, KindRequest, service, body, o, orig.From, orig.Token, o.origin, false)
+	}
 	return m.request(ctx, KindRequest, service, body, o, m.id, "", nil, false)
 }
 

@@ -19,6 +19,7 @@ type requestOptions struct {
 	failsafe       bool
 	onIntermediate func(Intermediate)
 	hops           []string
+	origin         json.RawMessage
 }
 
 // WithSelector picks how agents are chosen: SelectLeastLoaded (default),
@@ -64,6 +65,17 @@ func OnIntermediate(f func(Intermediate)) RequestOption {
 // set it so that a request that already crossed them is not relayed again.
 func WithHops(hops ...string) RequestOption {
 	return func(o *requestOptions) { o.hops = append(o.hops, hops...) }
+}
+
+// WithOrigin relays, in secure mode, a request on behalf of its original
+// caller: origin is the request as the caller signed it (an envelope, e.g.
+// a bridge's Request.Origin from the far side). The request keeps the
+// origin's token and requester, and agents verify the origin's signature
+// and apply their policy to its signer (docs/security.md). Only mappers
+// and bridges may relay; the caller of WithOrigin must have checked the
+// origin (OpenOrigin) and that the payload is the one it signed.
+func WithOrigin(origin []byte) RequestOption {
+	return func(o *requestOptions) { o.origin = origin }
 }
 
 func buildOptions(opts []RequestOption) (requestOptions, error) {

@@ -171,6 +171,32 @@ func (s *Secure) verifyOrigin(p *Packet) (*security.Peer, error) {
 	return peer, nil
 }
 
+// OpenOrigin verifies an origin envelope (a request as its caller signed
+// it, e.g. Request.Origin relayed by a bridge) with v: certificate chain,
+// role among roles, time window and replay (v's nonce cache), signature;
+// then decodes the request. The caller is who signed it: peer.Name is the
+// request's From, or an error.
+func OpenOrigin(v *security.Verifier, raw []byte, maxPayload int, roles ...security.Role) (*Packet, *security.Peer, error) {
+	body, peer, err := v.VerifyEnvelope(raw, roles...)
+	if err != nil {
+		return nil, nil, err
+	}
+	if maxPayload <= 0 {
+		maxPayload = DefaultMaxPayload
+	}
+	p, err := DecodePacket(body, maxPayload)
+	if err != nil {
+		return nil, nil, err
+	}
+	if p.Kind != KindRequest && p.Kind != KindPush {
+		return nil, nil, fmt.Errorf("nanite: origin is a %s, not a request", p.Kind)
+	}
+	if p.From != peer.Name {
+		return nil, nil, fmt.Errorf("%w: request from %q signed by %q", errNameMismatch, p.From, peer.Name)
+	}
+	return p, peer, nil
+}
+
 // rejectReason is the counter name for a refused packet.
 func rejectReason(err error) string {
 	switch {

@@ -3,6 +3,8 @@ package vertebra
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"encoding/xml"
 	"fmt"
@@ -78,7 +80,8 @@ type Signer interface {
 }
 
 // SigningBytes returns what a signature of an op covers: its target, type,
-// request id, selector, tags and payload. The payload is taken in the form
+// request id, selector, tags, the hash of the origin envelope when there is
+// one (Meta.Origin) and payload. The payload is taken in the form
 // the receiver sees it (CanonicalPayload); deadline and hops change on the
 // way and are left out.
 func SigningBytes(to jid.JID, op string, payload json.RawMessage, m Meta) []byte {
@@ -86,6 +89,14 @@ func SigningBytes(to jid.JID, op string, payload json.RawMessage, m Meta) []byte
 	b.WriteString("nanite-vertebra-op/0\x00")
 	for _, s := range []string{to.String(), op, m.RequestID, m.Selector, strings.Join(m.Tags, ",")} {
 		b.WriteString(s)
+		b.WriteByte(0)
+	}
+	if len(m.Origin) > 0 {
+		// Only when present, so that signatures without an origin stay
+		// as they were; a JSON payload cannot start with "origin:".
+		sum := sha256.Sum256(m.Origin)
+		b.WriteString("origin:")
+		b.WriteString(hex.EncodeToString(sum[:]))
 		b.WriteByte(0)
 	}
 	b.Write(payload)

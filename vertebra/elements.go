@@ -76,6 +76,11 @@ type Meta struct {
 	// security package), base64 on the wire.
 	Signature   []byte
 	Certificate []byte
+	// Origin, on an op relayed by a bridge for a caller of its cluster, is
+	// the request as that caller signed it (a Nanite envelope; base64 on
+	// the wire, at most 2 MiB): the far side checks both the bridge's
+	// signature and the caller's (docs/bridge.md).
+	Origin []byte
 
 	// Seq numbers the responder's stanzas of one op: 1 for ack or nack,
 	// then 2, 3, ... (attribute seq). A caller uses it to restore the
@@ -107,7 +112,7 @@ type Hop struct {
 
 func (m *Meta) isZero() bool {
 	return m.Timeout == 0 && m.RequestID == "" && m.Selector == "" && len(m.Tags) == 0 &&
-		len(m.Hops) == 0 && m.Signature == nil && m.Certificate == nil && m.Seq == 0 && !m.Intermediate && !m.Batch && m.Agent == "" && !m.Failed
+		len(m.Hops) == 0 && m.Signature == nil && m.Certificate == nil && m.Origin == nil && m.Seq == 0 && !m.Intermediate && !m.Batch && m.Agent == "" && !m.Failed
 }
 
 // ErrorBody is the payload of a nack or error: {"code": ..., "message": ...}.
@@ -199,6 +204,9 @@ func (m *Meta) appendTokens(toks []xml.Token) []xml.Token {
 	if m.Certificate != nil {
 		toks = text("certificate", base64.StdEncoding.EncodeToString(m.Certificate))
 	}
+	if m.Origin != nil {
+		toks = text("origin", base64.StdEncoding.EncodeToString(m.Origin))
+	}
 	return append(toks, xml.EndElement{Name: name})
 }
 
@@ -207,6 +215,7 @@ const (
 	maxTokenLen = 256      // token, type, scope and meta attributes
 	maxMetaList = 64       // tags, hops
 	maxBlob     = 64 << 10 // signature and certificate, decoded
+	maxOrigin   = 2 << 20  // origin envelope, decoded
 )
 
 // DecodeElement reads the element that start opens (the rest of it from r)
@@ -340,10 +349,13 @@ func (m *Meta) decode(r xml.TokenReader, start xml.StartElement) error {
 				return badRequest("unknown child element {%s}%s in <meta>", t.Name.Space, t.Name.Local)
 			}
 			switch t.Name.Local {
-			case "tag", "signature", "certificate":
-				limit := maxTokenLen
+			case "tag", "signature", "certificate", "origin":
+				limit, blob := maxTokenLen, maxBlob
+				if t.Name.Local == "origin" {
+					blob = maxOrigin
+				}
 				if t.Name.Local != "tag" {
-					limit = maxBlob * 4 / 3 * 2 // base64 with generous whitespace
+					limit = blob * 4 / 3 * 2 // base64 with generous whitespace
 				}
 				s, err := readText(r, t, limit)
 				if err != nil {
@@ -357,13 +369,16 @@ func (m *Meta) decode(r xml.TokenReader, start xml.StartElement) error {
 					m.Tags = append(m.Tags, strings.TrimSpace(s))
 				default:
 					b, err := decodeBase64(s)
-					if err != nil || len(b) > maxBlob {
-						return badRequest("meta %s is not base64 of at most %d bytes", t.Name.Local, maxBlob)
+					if err != nil || len(b) > blob {
+						return badRequest("meta %s is not base64 of at most %d bytes", t.Name.Local, blob)
 					}
-					if t.Name.Local == "signature" {
+					switch t.Name.Local {
+					case "signature":
 						m.Signature = b
-					} else {
+					case "certificate":
 						m.Certificate = b
+					default:
+						m.Origin = b
 					}
 				}
 			case "hop":
