@@ -1,10 +1,11 @@
-# The two commands of the README:
-#   make demo   install what is missing, then run a cluster on a private broker and show it working
-#   make test   install what is missing, then run the whole test suite against real servers
+# The commands of the README:
+#   make demo         install what is missing, then run a cluster on a private broker and show it working
+#   make federation   install what is missing, then run two sites joined by XMPP bridges and show them working
+#   make test         install what is missing, then run the whole test suite against real servers
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 
-.PHONY: demo test deps build vet bench dev
+.PHONY: demo federation test deps build vet bench dev
 
 deps:
 	./scripts/install-deps
@@ -14,6 +15,10 @@ build:
 
 demo: deps build
 	$(GO) run ./examples/demo
+
+# The bridges run as the binary just built: bin/nanite bridge --config FILE.
+federation: deps build
+	$(GO) run ./examples/federation -nanite bin/nanite
 
 dev: deps build
 	./bin/nanite dev
