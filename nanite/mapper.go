@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -689,7 +690,9 @@ func (m *Mapper) pickLocked(ctx context.Context, svc string, o *requestOptions, 
 		break
 	}
 	what := "registered agent offers " + svc
-	if o.target != "" {
+	if strings.HasPrefix(o.target, TargetXMPP) {
+		what = fmt.Sprintf("gateway agent (a bridge's proxy) reaches %s with %s", o.target, svc)
+	} else if o.target != "" {
 		what = fmt.Sprintf("agent with identity %s offers %s", o.target, svc)
 	}
 	if len(o.tags) > 0 {

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 
 	"github.com/spf13/cobra"
+	"mellium.im/xmpp/jid"
 
 	"github.com/nanite-go/nanite/bridge"
 )
@@ -58,13 +59,22 @@ func bridgeRun(ctx context.Context, opts *BridgeOptions) error {
 	if err != nil {
 		return err
 	}
-	if opts.Check {
-		fmt.Fprintf(opts.IO.Out, "%s: ok (%d clusters)\n", opts.Config, len(cfg.Clusters))
-		return nil
-	}
 	b, err := bridge.New(cfg, bridge.Options{Logger: log})
 	if err != nil {
 		return err
+	}
+	if opts.Check {
+		fmt.Fprintf(opts.IO.Out, "%s: ok (%d clusters)\n", opts.Config, len(cfg.Clusters))
+		jids := b.ClusterJIDs()
+		for _, cc := range cfg.Clusters {
+			fmt.Fprintf(opts.IO.Out, "  cluster %s: %s\n", cc.Name, jids[cc.Name])
+			for _, im := range cc.Imports {
+				if j, err := jid.Parse(im.From); err == nil {
+					fmt.Fprintf(opts.IO.Out, "    import %s: proxy agent %s\n", im.From, bridge.ProxyIdentity(j))
+				}
+			}
+		}
+		return nil
 	}
 	for name, j := range b.ClusterJIDs() {
 		log.Info("cluster", "name", name, "jid", j)
