@@ -31,18 +31,19 @@ import (
 // Refusal reasons: the counters of Stats.Refused and the start of a nack's
 // message. docs/bridge.md explains each.
 const (
-	RefuseUnknownCluster = "unknown_cluster"    // the op's JID names no cluster of this bridge
-	RefuseBadRequest     = "bad_request"        // malformed service name or selector
-	RefuseNotExported    = "not_exported"       // no export rule of the cluster covers the service
-	RefusePeer           = "peer_not_allowed"   // the service is exported, but not to the sender
-	RefusePolicy         = "policy"             // the policy file denies the sender
-	RefuseBadSignature   = "bad_signature"      // the op's signature does not verify (forged, replayed, unknown CA, ...)
-	RefuseSignature      = "signature_required" // the service is exported only to signed ops
-	RefuseLoop           = "loop"               // the op already crossed this bridge
-	RefuseHopLimit       = "hop_limit"          // the op crossed too many bridges
-	RefuseNoAgent        = "no_agent"           // no agent of the cluster offers the service (or the JID's agent is unknown)
-	RefuseBusy           = "busy"               // too many ops in flight
-	RefuseShutdown       = "shutdown"           // the bridge is shutting down
+	RefuseUnknownCluster = "unknown_cluster"     // the op's JID names no cluster of this bridge
+	RefuseBadRequest     = "bad_request"         // malformed service name or selector
+	RefuseNotExported    = "not_exported"        // no export rule of the cluster covers the service
+	RefusePeer           = "peer_not_allowed"    // the service is exported, but not to the sender
+	RefusePolicy         = "policy"              // the policy file denies the sender
+	RefuseBadSignature   = "bad_signature"       // the op's signature does not verify (forged, replayed, unknown CA, ...)
+	RefuseSignature      = "signature_required"  // the service is exported only to signed ops
+	RefuseLoop           = "loop"                // the op already crossed this bridge
+	RefuseHopLimit       = "hop_limit"           // the op crossed too many bridges
+	RefuseNoAgent        = "no_agent"            // no agent of the cluster offers the service (or the JID's agent is unknown)
+	RefuseBusy           = "busy"                // too many ops in flight
+	RefuseShutdown       = "shutdown"            // the bridge is shutting down
+	RefuseUnavailable    = "cluster_unavailable" // the bridge is not connected to the cluster's broker now
 )
 
 // Nack codes of refusals (besides vertebra's).
@@ -51,6 +52,8 @@ const (
 	CodeHopLimit = "hop_limit"
 	CodeNoAgent  = nanite.CodeNoAgent
 	CodeBusy     = "busy"
+	// CodeUnavailable: the cluster's broker cannot be reached now.
+	CodeUnavailable = "cluster_unavailable"
 )
 
 // DefaultMaxInFlight bounds the ops relayed at once.
@@ -567,6 +570,9 @@ func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra
 		// The cluster's agents check the caller's signature and apply
 		// their policy to the caller, not to this bridge.
 		ropts = append(ropts, nanite.WithOrigin(req.Meta.Origin))
+	}
+	if !c.mapper.Connected() {
+		return b.refuse(ctx, req, w, RefuseUnavailable, CodeUnavailable, "the broker of %s cannot be reached now", c.jid)
 	}
 	select {
 	case b.slots <- struct{}{}:

@@ -57,14 +57,19 @@ func TestSiteFailures(t *testing.T) {
 	}
 	works := func(what string) {
 		t.Helper()
+		start, tries := time.Now(), 0
 		eventually(t, what, func() error {
-			resp, err := call(what, "/work/who", nil, nanite.WithTimeout(2*time.Second))
+			tries++
+			cctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+			defer cancel()
+			resp, err := req.Request(cctx, "/work/who", nil)
 			if err != nil {
 				return err
 			}
 			var s string
 			return resp.Decode(&s)
 		})
+		t.Logf("%s: a request succeeded after %v (%d tries)", what, time.Since(start).Round(time.Millisecond), tries)
 	}
 	eventually(t, "proxy at A", func() error {
 		if a, ok := proxyOf(req, jidB); !ok || !offersService(a, "/work/slow") {
@@ -129,7 +134,39 @@ func TestSiteFailures(t *testing.T) {
 	if n := bB.Stats().Refused[RefuseShutdown]; n != 1 {
 		t.Errorf("bridge B refused %d ops for shutdown, want 1", n)
 	}
+	// While bridge B is away, A's proxy leaves; a persistent request that
+	// asked for the offline failsafe waits in A's failsafe queue (a mapper
+	// daemon at A serves it) and is answered once bridge B is back.
+	daemon, err := nanite.NewMapper(nanite.MapperConfig{URL: urlA, ServeFailsafe: true, Warmup: 100 * time.Millisecond})
+	if err != nil {
+		t.Fatal(err)
+	}
+	dctx, dcancel := context.WithCancel(context.Background())
+	ddone := make(chan error, 1)
+	go func() { ddone <- daemon.Run(dctx) }()
+	defer func() { dcancel(); <-ddone }()
+	eventually(t, "A's proxy gone while bridge B is down", func() error {
+		if _, ok := proxyOf(req, jidB); ok {
+			return errors.New("proxy still registered")
+		}
+		return nil
+	})
+	held := make(chan error, 1)
+	go func() {
+		resp, err := call("failsafe while bridge B is down", "/work/who", nil, nanite.OfflineFailsafe(), nanite.Persistent())
+		if err == nil {
+			var s string
+			if err = resp.Decode(&s); err == nil && s != "b2" {
+				err = errors.New("answered by " + s)
+			}
+		}
+		held <- err
+	}()
+	time.Sleep(300 * time.Millisecond) // it is in the failsafe queue now
 	runBridge(t, cfgB)
+	if err := <-held; err != nil {
+		t.Errorf("the failsafe request made while bridge B was down: %v", err)
+	}
 	works("after bridge B restarted")
 
 	// 3. Site B's broker restarts: requests during it end with an error by
@@ -139,8 +176,9 @@ func TestSiteFailures(t *testing.T) {
 	if err := rabbitB.Stop(rctx); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := call("site B's broker down", "/work/who", nil); err == nil {
-		t.Errorf("a request while site B's broker is down succeeded")
+	var re2 *nanite.RemoteError
+	if _, err := call("site B's broker down", "/work/who", nil); !errors.As(err, &re2) || re2.Code != CodeUnavailable {
+		t.Errorf("a request while site B's broker is down: %v, want %s at once", err, CodeUnavailable)
 	}
 	if err := rabbitB.Start(rctx); err != nil {
 		t.Fatal(err)

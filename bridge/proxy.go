@@ -440,6 +440,10 @@ func (p *proxy) relayLocal(ctx context.Context, r *nanite.Request) (any, error) 
 			target = j.Resourcepart()
 		}
 	}
+	if !dst.mapper.Connected() {
+		p.b.count(RefuseUnavailable)
+		return nil, &nanite.RemoteError{Code: CodeUnavailable, Message: fmt.Sprintf("%s: the broker of %s cannot be reached now", RefuseUnavailable, dst.jid)}
+	}
 	agents, proxied := dst.localAgents()
 	if !offers(agents, svc, target, nil) {
 		p.b.count(RefuseNoAgent)

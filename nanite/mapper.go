@@ -169,6 +169,11 @@ func (m *Mapper) Identity() string { return m.id }
 // connection error).
 func (m *Mapper) Ready(ctx context.Context) error { return m.link.awaitUp(ctx) }
 
+// Connected reports whether the mapper is connected to its broker now.
+// Requests made while it is not wait for the connection until their
+// deadline; a relay that prefers to fail fast (a bridge) checks this first.
+func (m *Mapper) Connected() bool { return m.link != nil && m.link.connected() }
+
 // Queue names use the instance name (identity plus a per-process suffix),
 // so that several processes can share one identity, as requesters sharing
 // one client certificate do.
