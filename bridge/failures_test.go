@@ -3,6 +3,7 @@ package bridge
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sync"
 	"testing"
 	"time"
@@ -168,6 +169,12 @@ func TestSiteFailures(t *testing.T) {
 		t.Errorf("the failsafe request made while bridge B was down: %v", err)
 	}
 	works("after bridge B restarted")
+	eventually(t, "B's presence (b2's load) at A after bridge B restarted", func() error {
+		if a, ok := proxyOf(req, jidB); !ok || a.Status != 0.2 {
+			return fmt.Errorf("proxy %+v", a)
+		}
+		return nil
+	})
 
 	// 3. Site B's broker restarts: requests during it end with an error by
 	// their deadline; then everything reconnects.

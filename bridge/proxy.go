@@ -249,10 +249,14 @@ func (p *proxy) discover(ctx context.Context, lastSess **xmpp.Session) (svcs []s
 	if s == nil {
 		return nil, false
 	}
-	if s != *lastSess {
+	p.mu.Lock()
+	noPresence := len(p.present) == 0
+	p.mu.Unlock()
+	if s != *lastSess || noPresence {
 		*lastSess = s
 		// Subscribe, then probe: a peer that already had us as subscriber
-		// sends everything again.
+		// sends everything again. Again whenever we know of no remote
+		// agent: the peer bridge may have restarted and forgotten us.
 		to := p.remote.Bare()
 		_ = sendPresence(s, stanza.Presence{From: p.c.jid, To: to, Type: stanza.SubscribePresence}, "")
 		_ = sendPresence(s, stanza.Presence{From: p.c.jid, To: to, Type: stanza.ProbePresence}, "")
