@@ -544,6 +544,9 @@ func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra
 	if len(req.Meta.Tags) > 0 {
 		ropts = append(ropts, nanite.WithTags(req.Meta.Tags...))
 	}
+	if req.Meta.Persistent {
+		ropts = append(ropts, nanite.Persistent())
+	}
 	// An op from XMPP never goes to this bridge's own proxy agents (it
 	// would be relayed out again: loops). When proxies offer the service
 	// too, the bridge picks the agent itself among the others.

@@ -63,6 +63,7 @@ type proxy struct {
 	mu       sync.Mutex
 	present  map[string]float64 // remote resources seen available, with their load
 	services []string           // what the running proxy agent offers
+	agent    *nanite.Agent      // the running proxy agent, or nil
 }
 
 // ProxyIdentity is the identity of the proxy agent for the remote cluster
@@ -204,18 +205,9 @@ func (p *proxy) run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		}
-		svcs, keep := p.discover(ctx, &lastSess)
-		if !keep && !slices.Equal(svcs, p.offered()) {
-			stopAgent()
-			p.mu.Lock()
-			p.services = svcs
-			p.mu.Unlock()
-			if len(svcs) > 0 {
-				stop, errc, err := p.startAgent(svcs)
-				if err != nil {
-					return err
-				}
-				agentStop, agentErr = stop, errc
+		if svcs, keep := p.discover(ctx, &lastSess); !keep {
+			if err := p.offer(svcs, &agentStop, &agentErr); err != nil {
+				return err
 			}
 		}
 		next := iv
@@ -278,7 +270,9 @@ func (p *proxy) discover(ctx context.Context, lastSess **xmpp.Session) (svcs []s
 		p.b.log.Debug("proxy discovery: no answer", "remote", p.remote, "error", err)
 		return nil, true
 	}
-	return p.match(info), false
+	svcs = p.match(info)
+	p.b.log.Debug("proxy discovery", "remote", p.remote, "services", svcs)
+	return svcs, false
 }
 
 // startAgent runs the proxy agent offering svcs.
@@ -296,19 +290,7 @@ func (p *proxy) startAgent(svcs []string) (stop func(), errc chan error, err err
 	if err != nil {
 		return nil, nil, err
 	}
-	actors := map[string]*nanite.Actor{}
-	for _, s := range svcs {
-		name, method, _ := strings.Cut(strings.TrimPrefix(s, "/"), "/")
-		act := actors[name]
-		if act == nil {
-			act = nanite.NewActor(name)
-			actors[name] = act
-		}
-		act.Expose(method, p.handle)
-	}
-	for _, act := range actors {
-		a.AddActor(act)
-	}
+	a.SetActors(p.actors(svcs)...)
 	p.b.log.Info("proxy agent", "cluster", p.c.cfg.Name, "remote", p.remote, "identity", p.id, "services", svcs)
 	ctx, cancel := context.WithCancel(context.Background())
 	errc = make(chan error, 1)
@@ -319,7 +301,63 @@ func (p *proxy) startAgent(svcs []string) (stop func(), errc chan error, err err
 			errc <- err
 		}
 	}()
-	return func() { cancel(); <-done }, errc, nil
+	p.mu.Lock()
+	p.agent = a
+	p.mu.Unlock()
+	return func() {
+		cancel()
+		<-done
+		p.mu.Lock()
+		p.agent = nil
+		p.mu.Unlock()
+	}, errc, nil
+}
+
+// actors are the proxy agent's actors for svcs, every method relayed.
+func (p *proxy) actors(svcs []string) []*nanite.Actor {
+	byName := map[string]*nanite.Actor{}
+	var out []*nanite.Actor
+	for _, s := range svcs {
+		name, method, _ := strings.Cut(strings.TrimPrefix(s, "/"), "/")
+		act := byName[name]
+		if act == nil {
+			act = nanite.NewActor(name)
+			byName[name] = act
+			out = append(out, act)
+		}
+		act.Expose(method, p.handle)
+	}
+	return out
+}
+
+// offer makes the proxy offer svcs: it starts the proxy agent, changes its
+// services in place (it stays registered: no gap for requesters), or
+// stops it when svcs is empty.
+func (p *proxy) offer(svcs []string, stop *func(), errc *chan error) error {
+	if slices.Equal(svcs, p.offered()) {
+		return nil
+	}
+	p.mu.Lock()
+	p.services = svcs
+	a := p.agent
+	p.mu.Unlock()
+	switch {
+	case len(svcs) == 0:
+		if *stop != nil {
+			(*stop)()
+			*stop, *errc = nil, nil
+		}
+	case a != nil:
+		a.SetActors(p.actors(svcs)...)
+		p.b.log.Info("proxy agent services", "cluster", p.c.cfg.Name, "remote", p.remote, "identity", p.id, "services", svcs)
+	default:
+		st, ec, err := p.startAgent(svcs)
+		if err != nil {
+			return err
+		}
+		*stop, *errc = st, ec
+	}
+	return nil
 }
 
 // match returns the remote services of info that the import's globs cover.
@@ -393,21 +431,8 @@ func (p *proxy) runLocal(ctx context.Context) error {
 		p.mu.Lock()
 		p.present = present
 		p.mu.Unlock()
-		if !slices.Equal(svcs, p.offered()) {
-			if agentStop != nil {
-				agentStop()
-				agentStop, agentErr = nil, nil
-			}
-			p.mu.Lock()
-			p.services = svcs
-			p.mu.Unlock()
-			if len(svcs) > 0 {
-				stop, errc, err := p.startAgent(svcs)
-				if err != nil {
-					return err
-				}
-				agentStop, agentErr = stop, errc
-			}
+		if err := p.offer(svcs, &agentStop, &agentErr); err != nil {
+			return err
 		}
 		select {
 		case <-t.C:
@@ -549,7 +574,7 @@ func (p *proxy) handle(ctx context.Context, r *nanite.Request) (any, error) {
 		}
 		to = j
 	}
-	meta := vertebra.Meta{Hops: hops}
+	meta := vertebra.Meta{Hops: hops, Persistent: r.Persistent}
 	fanOut := r.Selector == nanite.SelectAll && to.Resourcepart() == ""
 	if fanOut {
 		meta.Selector = nanite.SelectAll

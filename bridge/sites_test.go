@@ -59,6 +59,10 @@ func workActor(id string, count *atomic.Int64) *nanite.Actor {
 			inc()
 			return nil, fmt.Errorf("%s broke", id)
 		}).
+		Expose("info", func(ctx context.Context, r *nanite.Request) (any, error) {
+			inc()
+			return map[string]any{"persistent": r.Persistent, "hops": r.Hops}, nil
+		}).
 		Expose("slow", func(ctx context.Context, r *nanite.Request) (any, error) {
 			inc()
 			var in struct{ MS int }
@@ -146,7 +150,11 @@ func runBridge(t *testing.T, yml string) (*Bridge, func()) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	b, err := New(cfg, Options{MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
+	var logger *slog.Logger
+	if os.Getenv("NANITE_TEST_DEBUG") != "" {
+		logger = slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelDebug})).With("bridge", cfg.XMPP.Domain)
+	}
+	b, err := New(cfg, Options{Logger: logger, MinBackoff: 20 * time.Millisecond, MaxBackoff: 200 * time.Millisecond,
 		PresenceInterval: 200 * time.Millisecond, DiscoveryInterval: 2 * time.Second,
 		Mapper: func(_ string, mc *nanite.MapperConfig) {
 			mc.Warmup = 100 * time.Millisecond
@@ -364,6 +372,14 @@ func TestTwoSites(t *testing.T) {
 		t.Errorf("/work/fail: %v", err)
 	}
 
+	// A persistent request stays persistent across the XMPP leg; the hop
+	// record holds both bridges.
+	resp, err = call("/work/info", nil, nanite.Persistent())
+	if err != nil {
+		t.Fatal(err)
+	}
+	jsonEqual(t, resp.Results[0].Payload, json.RawMessage(`{"persistent":true,"hops":["`+domA+`","`+domB+`"]}`))
+
 	// A plain XMPP client at site A calls B's cluster JID.
 	alice, _ := client(t, p, "alice", nil)
 	res, err := alice.Call(ctx, jidB, "/work/echo", in)
@@ -373,8 +389,8 @@ func TestTwoSites(t *testing.T) {
 	jsonEqual(t, res.Data[0], in)
 
 	// Every request above reached B exactly once per agent that ran it.
-	if n := countB1.Load() + countB2.Load(); n != 10 {
-		t.Errorf("B's agents handled %d requests (b1 %d, b2 %d), want 10", n, countB1.Load(), countB2.Load())
+	if n := countB1.Load() + countB2.Load(); n != 11 {
+		t.Errorf("B's agents handled %d requests (b1 %d, b2 %d), want 11", n, countB1.Load(), countB2.Load())
 	}
 
 	// b1 leaves: B says it is unavailable, A's proxy stops offering
@@ -382,7 +398,11 @@ func TestTwoSites(t *testing.T) {
 	stopB1()
 	eventually(t, "proxy without /solo/ping", func() error {
 		if a, ok := proxyOf(req, jidB); ok && offersService(a, "/solo/ping") {
-			return fmt.Errorf("proxy still offers /solo/ping")
+			var atB []string
+			for _, x := range bB.Mapper("app").Agents() {
+				atB = append(atB, fmt.Sprintf("%s %v", x.Identity, x.Services))
+			}
+			return fmt.Errorf("proxy still offers /solo/ping; B's mapper sees %v", atB)
 		}
 		return nil
 	})
@@ -396,12 +416,12 @@ func TestTwoSites(t *testing.T) {
 		t.Errorf("fan-out after b1 left: %v %+v", err, resp)
 	}
 	st := bA.Stats()
-	// Out of A: 8 requests before b1 left, 1 after; into B: those but the
+	// Out of A: 9 requests before b1 left, 1 after; into B: those but the
 	// one for /nobody (refused no_agent), and alice's.
-	if st.RelayedOut != 9 {
-		t.Errorf("bridge A relayed %d requests out, want 9", st.RelayedOut)
+	if st.RelayedOut != 10 {
+		t.Errorf("bridge A relayed %d requests out, want 10", st.RelayedOut)
 	}
-	if sb := bB.Stats(); sb.Relayed != 9 || sb.Refused[RefuseNoAgent] != 1 {
-		t.Errorf("bridge B relayed %d ops in, want 9, and refused %d for no agent, want 1 (stats %+v)", sb.Relayed, sb.Refused[RefuseNoAgent], sb)
+	if sb := bB.Stats(); sb.Relayed != 10 || sb.Refused[RefuseNoAgent] != 1 {
+		t.Errorf("bridge B relayed %d ops in, want 10, and refused %d for no agent, want 1 (stats %+v)", sb.Relayed, sb.Refused[RefuseNoAgent], sb)
 	}
 }

@@ -40,6 +40,8 @@ type Request struct {
 	// origin on, so that the far side can check the caller too.
 	Caller string
 	Origin []byte
+	// Persistent: the requester asked for a persistent request.
+	Persistent bool
 
 	// Agent is the agent running the handler; handlers use it to make
 	// requests of their own through the mappers.

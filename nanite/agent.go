@@ -11,6 +11,7 @@ import (
 	"runtime/debug"
 	"slices"
 	"sort"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -79,18 +80,23 @@ type AgentConfig struct {
 
 // Agent hosts actors and serves their methods from its queue.
 type Agent struct {
-	cfg      AgentConfig
-	id       string
-	log      *slog.Logger
-	methods  map[string]*Method
-	started  atomic.Bool
-	link     *link
-	calls    *calls
-	dedupe   *dedupe
-	stats    agentStats
-	rejects  counters // refused by secure mode, by reason
-	inflight atomic.Int64
-	start    time.Time
+	cfg AgentConfig
+	id  string
+	log *slog.Logger
+	// methods are the services by name; replaced whole by SetActors
+	// (copy on write), so readers take the map without a lock.
+	methods atomic.Pointer[map[string]*Method]
+	// reregister asks Run to register again (SetActors).
+	reregister chan struct{}
+	registerMu sync.Mutex
+	started    atomic.Bool
+	link       *link
+	calls      *calls
+	dedupe     *dedupe
+	stats      agentStats
+	rejects    counters // refused by secure mode, by reason
+	inflight   atomic.Int64
+	start      time.Time
 
 	linkCtx       context.Context // set by Run before the link starts
 	handlerCtx    context.Context
@@ -156,13 +162,14 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		return nil, err
 	}
 	a := &Agent{
-		cfg:     cfg,
-		id:      id,
-		log:     cfg.Logger.With("agent", id),
-		methods: map[string]*Method{},
-		calls:   newCalls(),
-		dedupe:  newDedupe(cfg.DedupeSize),
+		cfg:        cfg,
+		id:         id,
+		log:        cfg.Logger.With("agent", id),
+		calls:      newCalls(),
+		dedupe:     newDedupe(cfg.DedupeSize),
+		reregister: make(chan struct{}, 1),
 	}
+	a.methods.Store(&map[string]*Method{})
 	a.AddActor(a.builtinActor())
 	a.link = a.newAgentLink()
 	return a, nil
@@ -182,19 +189,46 @@ func (a *Agent) AddActor(actor *Actor) {
 	if a.started.Load() {
 		panic("nanite: AddActor after Run")
 	}
+	addMethods(*a.methods.Load(), actor)
+}
+
+func addMethods(methods map[string]*Method, actor *Actor) {
 	for name, m := range actor.methods {
 		svc := "/" + actor.name + "/" + name
-		if _, dup := a.methods[svc]; dup {
+		if _, dup := methods[svc]; dup {
 			panic("nanite: service " + svc + " registered twice")
 		}
-		a.methods[svc] = m
+		methods[svc] = m
+	}
+}
+
+// SetActors replaces the agent's actors (the built-in /nanite/* services
+// stay), also while it runs: it then registers again, so that mappers
+// route by the new set at once. A request already queued for a service
+// that is gone is answered unknown_service. It panics when a service is
+// given twice. (A bridge's proxy agent follows the remote services so.)
+func (a *Agent) SetActors(actors ...*Actor) {
+	m := map[string]*Method{}
+	for name, meth := range *a.methods.Load() {
+		if strings.HasPrefix(name, "/"+BuiltinActor+"/") {
+			m[name] = meth
+		}
+	}
+	for _, act := range actors {
+		addMethods(m, act)
+	}
+	a.methods.Store(&m)
+	select {
+	case a.reregister <- struct{}{}:
+	default:
 	}
 }
 
 // Services lists the services the agent offers, sorted.
 func (a *Agent) Services() []ServiceInfo {
-	out := make([]ServiceInfo, 0, len(a.methods))
-	for name, m := range a.methods {
+	methods := *a.methods.Load()
+	out := make([]ServiceInfo, 0, len(methods))
+	for name, m := range methods {
 		out = append(out, ServiceInfo{Name: name, Idempotent: m.Idempotent})
 	}
 	sort.Slice(out, func(i, j int) bool { return out[i].Name < out[j].Name })
@@ -249,6 +283,11 @@ func (a *Agent) Run(ctx context.Context) error {
 			return err
 		case <-hb.C:
 			a.heartbeat(linkCtx)
+		case <-a.reregister:
+			a.log.Debug("services changed", "connected", a.link.connected())
+			if a.link.connected() {
+				go a.register(linkCtx)
+			}
 		case <-ctx.Done():
 			a.shutdown(linkCtx)
 			stopLink()
@@ -355,6 +394,11 @@ func (a *Agent) publishState(ctx context.Context, kind Kind, exchange string) {
 func (a *Agent) register(ctx context.Context) {
 	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
+	// One at a time, each built when it is sent: the last registration
+	// mappers see holds the current services (SetActors).
+	a.registerMu.Lock()
+	defer a.registerMu.Unlock()
+	a.log.Debug("registering", "services", len(*a.methods.Load()))
 	a.publishState(ctx, KindRegister, ExchangeRegistration)
 }
 
@@ -461,7 +505,7 @@ func (a *Agent) handleDelivery(d *delivery) {
 	svc, err := NormalizeService(p.Type)
 	var m *Method
 	if err == nil {
-		m = a.methods[svc]
+		m = (*a.methods.Load())[svc]
 	}
 	if m == nil {
 		a.stats.unknown.Add(1)
@@ -537,7 +581,7 @@ func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string,
 	defer cancel()
 	req := &Request{Service: svc, Payload: p.Payload, From: p.From, Token: p.Token,
 		Deadline: deadline, Tags: p.Tags, Attempt: p.Attempt, Hops: p.Hops,
-		Selector: p.Selector, Target: p.Target, Origin: from.envelope, Agent: a}
+		Selector: p.Selector, Target: p.Target, Origin: from.envelope, Persistent: p.Persistent, Agent: a}
 	if from.caller != nil {
 		req.Caller = from.caller.Name
 	}

@@ -95,3 +95,37 @@ func TestGatewayTargetsAndMultiResult(t *testing.T) {
 	}
 	_, _ = bare, full
 }
+
+// TestSetActors: an agent replaces its services while it runs; mappers
+// route by the new set at once, and the agent never leaves.
+func TestSetActors(t *testing.T) {
+	c := newCluster(t)
+	mk := func(actor, method, answer string) *Actor {
+		return NewActor(actor).Expose(method, func(ctx context.Context, r *Request) (any, error) { return answer, nil })
+	}
+	a, _ := c.agent(AgentConfig{Identity: "changing"}, mk("old", "x", "old"))
+	m, _ := c.mapper(MapperConfig{})
+	waitAgents(t, m, "/old/x", 1)
+	a.SetActors(mk("new", "y", "new"), mk("more", "z", "more"))
+	waitAgents(t, m, "/new/y", 1)
+	ctx := t.Context()
+	for svc, want := range map[string]string{"/new/y": "new", "/more/z": "more"} {
+		resp, err := m.Request(ctx, svc, nil)
+		var s string
+		if err == nil {
+			err = resp.Decode(&s)
+		}
+		if err != nil || s != want {
+			t.Errorf("%s: %q %v, want %q", svc, s, err, want)
+		}
+	}
+	if _, err := m.Request(ctx, "/old/x", nil); !errors.Is(err, ErrNoAgent) {
+		t.Errorf("/old/x after SetActors: %v, want ErrNoAgent", err)
+	}
+	if _, err := m.Request(ctx, "/nanite/ping", nil, WithTarget("changing")); err != nil {
+		t.Errorf("built-in services after SetActors: %v", err)
+	}
+	if got := len(a.Services()); got != 2+len(a.builtinActor().methods) {
+		t.Errorf("Services() = %v", a.Services())
+	}
+}

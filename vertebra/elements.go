@@ -98,6 +98,10 @@ type Meta struct {
 	// agent): a cluster answering for several agents (selector all) says
 	// which one gave which result.
 	Agent string
+	// Persistent, on an op for a Nanite cluster, asks the bridge to relay
+	// it as a persistent request (attribute persistent="1": durable
+	// message, publisher confirm; docs/protocol.md).
+	Persistent bool
 	// Failed, on a data, says that this agent failed (attribute
 	// failed="1"): the payload is an error body {"code", "message"}. Used
 	// with Agent for one agent of a fan-out; the op itself goes on.
@@ -112,7 +116,7 @@ type Hop struct {
 
 func (m *Meta) isZero() bool {
 	return m.Timeout == 0 && m.RequestID == "" && m.Selector == "" && len(m.Tags) == 0 &&
-		len(m.Hops) == 0 && m.Signature == nil && m.Certificate == nil && m.Origin == nil && m.Seq == 0 && !m.Intermediate && !m.Batch && m.Agent == "" && !m.Failed
+		len(m.Hops) == 0 && m.Signature == nil && m.Certificate == nil && m.Origin == nil && m.Seq == 0 && !m.Intermediate && !m.Batch && m.Agent == "" && !m.Failed && !m.Persistent
 }
 
 // ErrorBody is the payload of a nack or error: {"code": ..., "message": ...}.
@@ -181,6 +185,9 @@ func (m *Meta) appendTokens(toks []xml.Token) []xml.Token {
 	}
 	if m.Failed {
 		attr("failed", "1")
+	}
+	if m.Persistent {
+		attr("persistent", "1")
 	}
 	toks = append(toks, st)
 	text := func(local, s string) []xml.Token {
@@ -327,6 +334,8 @@ func (m *Meta) decode(r xml.TokenReader, start xml.StartElement) error {
 			m.Agent = a.Value
 		case "failed":
 			m.Failed = a.Value == "1" || a.Value == "true"
+		case "persistent":
+			m.Persistent = a.Value == "1" || a.Value == "true"
 		}
 	}
 	for {

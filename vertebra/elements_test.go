@@ -62,7 +62,7 @@ func TestElementRoundTrip(t *testing.T) {
 		{Kind: KindData, Token: "T:S", Payload: json.RawMessage(`[]`), Meta: Meta{Seq: 4}},
 		{Kind: KindData, Token: "T:S", Payload: json.RawMessage(`1`), Meta: Meta{Seq: 5, Agent: "app@nanite.b.test/agent-1"}},
 		{Kind: KindData, Token: "T:S", Payload: json.RawMessage(`{"code":"x","message":"y"}`), Meta: Meta{Seq: 6, Agent: "agent-2", Failed: true}},
-		{Kind: KindOp, Token: "T:S", Type: "/a/b", Payload: json.RawMessage(`1`), Meta: Meta{Signature: []byte{1, 2}, Origin: []byte(`{"env":1}`)}},
+		{Kind: KindOp, Token: "T:S", Type: "/a/b", Payload: json.RawMessage(`1`), Meta: Meta{Signature: []byte{1, 2}, Origin: []byte(`{"env":1}`), Persistent: true}},
 		{Kind: KindFinal, Token: "T:S"},
 		{Kind: KindNack, Token: "T:S", Payload: errorPayload(CodeUnauthorized, "no")},
 		{Kind: KindError, Token: "T:S", Payload: errorPayload(CodeHandler, "boom <&>")},
