@@ -86,6 +86,9 @@ func TestRequestFlags(t *testing.T) {
 		t.Errorf("%d request options, want 7", n)
 	}
 
+	if err := parse(t, NewCmdRequest(f, runF), "--target", "xmpp:app@nanite.site-b.test/agent-x", "/a/b"); err != nil || got.Target != "xmpp:app@nanite.site-b.test/agent-x" {
+		t.Errorf("xmpp: target: %v %+v", err, got)
+	}
 	if err := parse(t, NewCmdRequest(f, runF), "-s", "rr", "-t", "1m", "/a/b", "-"); err != nil {
 		t.Fatal(err)
 	}
@@ -95,7 +98,7 @@ func TestRequestFlags(t *testing.T) {
 
 	for _, bad := range [][]string{
 		{}, {"a/b"}, {"/a/b/c"}, {"/a/b", "1", "2"}, {"--selector", "x", "/a/b"}, {"--timeout", "-1s", "/a/b"},
-		{"--target", "bad target", "/a/b"},
+		{"--target", "bad target", "/a/b"}, {"--target", "xmpp:", "/a/b"}, {"--target", "xmpp:a@b@c", "/a/b"},
 	} {
 		cmd := NewCmdRequest(f, func(context.Context, *RequestOptions) error { t.Error("runF called"); return nil })
 		if err := parse(t, cmd, bad...); exitCode(err) != exitUsage {

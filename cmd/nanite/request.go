@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/spf13/cobra"
+	"mellium.im/xmpp/jid"
 
 	"github.com/nanite-go/nanite/nanite"
 )
@@ -131,7 +132,7 @@ push may wait in an agent's queue.
 func addRequestFlags(cmd *cobra.Command, opts *RequestOptions) {
 	fl := cmd.Flags()
 	fl.StringVarP(&opts.Selector, "selector", "s", nanite.SelectLeastLoaded, "least_loaded, all, random or rr")
-	fl.StringVar(&opts.Target, "target", "", "send to the agent with this identity only")
+	fl.StringVar(&opts.Target, "target", "", "send to the agent with this identity only, or to a JID through a bridge (xmpp:app@nanite.site-b.example/agent-x)")
 	fl.StringArrayVar(&opts.Tags, "tag", nil, "only agents carrying this tag (repeatable; all of them unless --match-any-tag)")
 	fl.BoolVar(&opts.MatchAny, "match-any-tag", false, "agents carrying any one of the --tag tags qualify")
 	fl.DurationVarP(&opts.Timeout, "timeout", "t", 10*time.Second, "deadline of the request")
@@ -157,8 +158,12 @@ func (o *RequestOptions) setArgs(a []string) error {
 	if o.Timeout <= 0 {
 		return usageErrorf("--timeout must be positive")
 	}
-	if o.Target != "" && !nanite.ValidIdentity(o.Target) {
-		return usageErrorf("invalid --target %q", o.Target)
+	if j, ok := strings.CutPrefix(o.Target, nanite.TargetXMPP); ok {
+		if _, err := jid.Parse(j); err != nil || j == "" {
+			return usageErrorf("invalid --target %q: not xmpp:<jid>", o.Target)
+		}
+	} else if o.Target != "" && !nanite.ValidIdentity(o.Target) {
+		return usageErrorf("invalid --target %q: not an agent identity or xmpp:<jid>", o.Target)
 	}
 	return nil
 }
