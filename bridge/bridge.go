@@ -835,3 +835,22 @@ func (s *stream) close() error {
 	<-s.done
 	return s.err
 }
+
+// Serve runs the bridge for cfg until ctx ends, logging its clusters and
+// its start and stop to opts.Logger: what "nanite bridge --config FILE"
+// does once the config is loaded.
+func Serve(ctx context.Context, cfg *Config, opts Options) error {
+	b, err := New(cfg, opts)
+	if err != nil {
+		return err
+	}
+	for name, j := range b.ClusterJIDs() {
+		b.log.Info("cluster", "name", name, "jid", j)
+	}
+	b.log.Info("bridge starting", "domain", b.Domain(), "server", cfg.XMPP.Server)
+	if err := b.Run(ctx); err != nil {
+		return err
+	}
+	b.log.Info("bridge stopped")
+	return nil
+}

@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"path/filepath"
 	"strings"
 	"sync/atomic"
 	"testing"
@@ -42,18 +41,8 @@ func TestVhostIsolation(t *testing.T) {
 			{User: "mallory", Host: siteDomain, Password: password},
 		},
 	})
-	ca, err := security.NewCA("site-a", 24*time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	if err := ca.Save(dir); err != nil {
-		t.Fatal(err)
-	}
-	ops, err := ca.Issue("ops", security.RoleClient, time.Hour)
-	if err != nil {
-		t.Fatal(err)
-	}
+	site := newPKI(t, "site-a")
+	ops, _ := site.issue("ops", security.RoleClient)
 
 	var countOne, countTwo atomic.Int64
 	pong := func(id string, n *atomic.Int64) *nanite.Actor {
@@ -77,7 +66,7 @@ xmpp:
   domain: `+bridgeDom+`
   secret: `+secret+`
 trust:
-  ca_files: [`+filepath.Join(dir, security.CACertFile)+`]
+  ca_files: [`+site.caFile()+`]
 clusters:
   - name: one
     url: `+urlOne+`

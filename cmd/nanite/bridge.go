@@ -59,11 +59,11 @@ func bridgeRun(ctx context.Context, opts *BridgeOptions) error {
 	if err != nil {
 		return err
 	}
-	b, err := bridge.New(cfg, bridge.Options{Logger: log})
-	if err != nil {
-		return err
-	}
 	if opts.Check {
+		b, err := bridge.New(cfg, bridge.Options{Logger: log})
+		if err != nil {
+			return err
+		}
 		fmt.Fprintf(opts.IO.Out, "%s: ok (%d clusters)\n", opts.Config, len(cfg.Clusters))
 		jids := b.ClusterJIDs()
 		for _, cc := range cfg.Clusters {
@@ -76,13 +76,5 @@ func bridgeRun(ctx context.Context, opts *BridgeOptions) error {
 		}
 		return nil
 	}
-	for name, j := range b.ClusterJIDs() {
-		log.Info("cluster", "name", name, "jid", j)
-	}
-	log.Info("bridge starting", "domain", b.Domain(), "server", cfg.XMPP.Server)
-	if err := b.Run(ctx); err != nil {
-		return err
-	}
-	log.Info("bridge stopped")
-	return nil
+	return bridge.Serve(ctx, cfg, bridge.Options{Logger: log})
 }

@@ -73,24 +73,12 @@ func runChild() int {
 
 // runBridge does what `nanite bridge --config FILE` does (cmd/nanite/bridge.go).
 func runBridge(ctx context.Context, file string) error {
-	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
 	cfg, err := bridge.LoadConfig(file)
 	if err != nil {
 		return err
 	}
-	b, err := bridge.New(cfg, bridge.Options{Logger: log})
-	if err != nil {
-		return err
-	}
-	for name, j := range b.ClusterJIDs() {
-		log.Info("cluster", "name", name, "jid", j)
-	}
-	log.Info("bridge starting", "domain", b.Domain(), "server", cfg.XMPP.Server)
-	if err := b.Run(ctx); err != nil {
-		return err
-	}
-	log.Info("bridge stopped")
-	return nil
+	log := slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: slog.LevelInfo}))
+	return bridge.Serve(ctx, cfg, bridge.Options{Logger: log})
 }
 
 type lookupIn struct {
