@@ -72,6 +72,7 @@ func TestRun(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts RabbitMQ and prosody")
 	}
+	testenv.Require(t, "prosody", "prosodyctl", "rabbitmq-server", "rabbitmqctl")
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
 	srv, err := StartServers(ctx, ServerOptions{Brokers: 1})
