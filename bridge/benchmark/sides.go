@@ -316,6 +316,8 @@ func (s *sites) counters() map[string]int64 {
 			put(name+".refused."+k, v)
 		}
 		es := b.Endpoint().Stats()
+		put(name+".xmpp.iq_sets_sent", es.Sent)
+		put(name+".xmpp.iq_sets_received", es.Received)
 		put(name+".xmpp.resent", es.Resent)
 		put(name+".xmpp.duplicate_ops", es.DuplicateOps)
 		put(name+".xmpp.duplicate_stanzas", es.DuplicateStanzas)
@@ -325,6 +327,8 @@ func (s *sites) counters() map[string]int64 {
 			continue
 		}
 		es := ep.Stats()
+		put(name+".xmpp.iq_sets_sent", es.Sent)
+		put(name+".xmpp.iq_sets_received", es.Received)
 		put(name+".xmpp.resent", es.Resent)
 		put(name+".xmpp.duplicate_ops", es.DuplicateOps)
 	}
