@@ -69,7 +69,20 @@ type Options struct {
 	// PresenceInterval is how often agents' presence is brought up to date
 	// (default DefaultPresenceInterval).
 	PresenceInterval time.Duration
+	// Hold is how long the bridge holds an op's first stanzas (the op's
+	// echo, its ack, intermediate results) to send them together, in one
+	// stanza with the result when the op ends in time (vertebra's
+	// Config.Hold; default DefaultHold, negative: never batch).
+	Hold time.Duration
 }
+
+// DefaultHold is the bridge's Options.Hold. An op relayed into a cluster
+// waits for a broker round trip, which under load often takes longer than
+// vertebra's default (2 ms); past the hold, the echo leaves with the ack
+// alone and the result needs an IQ-set and its IQ-result of its own, two
+// more stanzas through the XMPP server. Holding longer delays only the ack
+// and intermediate results, never the result.
+const DefaultHold = 20 * time.Millisecond
 
 // Bridge relays ops from XMPP into its clusters.
 type Bridge struct {
@@ -132,6 +145,9 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 	}
 	if opts.MaxInFlight <= 0 {
 		opts.MaxInFlight = DefaultMaxInFlight
+	}
+	if opts.Hold == 0 {
+		opts.Hold = DefaultHold
 	}
 	domain, err := jid.Parse(cfg.XMPP.Domain)
 	if err != nil {
@@ -212,7 +228,7 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		b.clusters = append(b.clusters, c)
 		b.byLocal[cj.Localpart()] = c
 	}
-	b.ep = vertebra.NewEndpoint(vertebra.Config{Handler: b, Logger: log.With("side", "xmpp")})
+	b.ep = vertebra.NewEndpoint(vertebra.Config{Handler: b, Hold: opts.Hold, Logger: log.With("side", "xmpp")})
 	b.dial = vertebra.DialConfig{JID: domain, Secret: secret, Addr: cfg.XMPP.Server}
 	return b, nil
 }
