@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/nanite-go/nanite/bridge"
 	bb "github.com/nanite-go/nanite/bridge/benchmark"
 	"github.com/nanite-go/nanite/nanite/benchmark"
 )
@@ -27,6 +28,7 @@ type BenchBridgeOptions struct {
 	JSONFile   string
 	CPUProfile string
 	MemProfile string
+	Hold       time.Duration
 }
 
 // newBenchBridgeCmd is "nanite bench-bridge".
@@ -123,6 +125,7 @@ node with a vhost per site), and one prosody with four component domains.
 	f.StringVar(&cfg.XMPPAddr, "xmpp", "", "an XMPP server's component listener, host:port (default: start a private prosody)")
 	f.StringVar(&cfg.Secret, "xmpp-secret", "", "the secret of the four components (with --xmpp)")
 	f.StringSliceVar(&opts.Components, "components", nil, "the four component domains on --xmpp: bridge A, bridge B, raw A, raw B")
+	f.DurationVar(&opts.Hold, "hold", 0, "the bridges' hold (bridge.Options.Hold; 0: bridge.DefaultHold, negative: never batch)")
 	f.IntSliceVar(&opts.ServerPIDs, "server-pid", nil, "pids of existing server processes on this machine, to report their CPU per request")
 	f.BoolVar(&opts.JSON, "json", false, "print the report as JSON")
 	f.StringVar(&opts.JSONFile, "json-out", "", "also write the report as JSON to this file")
@@ -135,6 +138,9 @@ func benchBridgeRun(cmd *cobra.Command, opts *BenchBridgeOptions, out, stderr io
 	ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	cfg := opts.Config
+	if opts.Hold != 0 {
+		cfg.BridgeOptions = func(_ string, o *bridge.Options) { o.Hold = opts.Hold }
+	}
 	cfg.Progress = func(s string) { fmt.Fprintln(stderr, "bench-bridge:", s) }
 
 	if cfg.URLA == "" || cfg.XMPPAddr == "" {
