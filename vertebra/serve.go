@@ -337,8 +337,11 @@ func (w *Reply) sendLocked(ctx context.Context, el *Element) error {
 	}
 	el.Token = w.s.req.Token
 	el.Meta.Seq = w.seq + 1
-	if _, err := el.AppendTokens(nil); err != nil {
-		return fmt.Errorf("vertebra: %s of %s: %w", el.Kind, w.s.req.Type, err)
+	// Only a payload can fail to encode: check it before it is held.
+	if len(el.Payload) > 0 {
+		if _, err := el.AppendTokens(nil); err != nil {
+			return fmt.Errorf("vertebra: %s of %s: %w", el.Kind, w.s.req.Type, err)
+		}
 	}
 	w.seq++
 	if !w.s.batch {
@@ -390,14 +393,9 @@ func (w *Reply) flushLocked(ctx context.Context) error {
 		s.echoEls = els
 		toks := s.echoLocked()
 		s.echoMu.Unlock()
-		iq := stanza.IQ{ID: s.req.ID, Type: stanza.ResultIQ, From: s.local, To: s.req.From}
-		r := iq.Wrap(&tokenSlice{toks: toks})
-		all, err := xmlstream.ReadAll(r)
-		if err == nil {
-			// A lost echo is not sent again: the caller sends the op again
-			// and gets echoToks.
-			err = w.e.write(s.ctx, all)
-		}
+		// A lost echo is not sent again: the caller sends the op again and
+		// gets the same echo (echoLocked).
+		err := w.e.write(s.ctx, iqOf(stanza.ResultIQ, s.req.ID, s.local, s.req.From, toks))
 		if err != nil {
 			w.e.log.Debug("vertebra: echo", "token", s.req.Token, "err", err)
 		}
