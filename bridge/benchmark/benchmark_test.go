@@ -12,7 +12,7 @@ import (
 
 func TestMain(m *testing.M) { testenv.Main(m) }
 
-func TestParseSides(t *testing.T) {
+func TestBenchParseSides(t *testing.T) {
 	for _, c := range []struct {
 		in   []string
 		want string
@@ -32,7 +32,7 @@ func TestParseSides(t *testing.T) {
 	}
 }
 
-func TestJudge(t *testing.T) {
+func TestBenchJudge(t *testing.T) {
 	res := func(side string, p50, rps float64) Result {
 		r := Result{Side: side}
 		r.Requests, r.P50us, r.RPS = 10, p50, rps
@@ -52,7 +52,7 @@ func TestJudge(t *testing.T) {
 	}
 }
 
-func TestConfigErrors(t *testing.T) {
+func TestBenchConfigErrors(t *testing.T) {
 	for _, cfg := range []Config{
 		{},
 		{URLA: "amqp://x/a", URLB: "amqp://x/a", XMPPAddr: "x:1", Secret: "s"},
@@ -66,9 +66,9 @@ func TestConfigErrors(t *testing.T) {
 	}
 }
 
-// TestRun runs every side at a tiny scale on private servers (one broker)
+// TestBenchRun runs every side at a tiny scale on private servers (one broker)
 // and checks that the figures are sane; no timing is asserted.
-func TestRun(t *testing.T) {
+func TestBenchRun(t *testing.T) {
 	if testing.Short() {
 		t.Skip("starts RabbitMQ and prosody")
 	}
