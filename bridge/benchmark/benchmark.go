@@ -277,6 +277,12 @@ type Cell struct {
 	P50VsProject    float64 `json:"cross_p50_vs_project_legs,omitempty"`
 	// RPSVsXMPP is cross's throughput over xmpp's.
 	RPSVsXMPP float64 `json:"cross_req_per_s_vs_xmpp,omitempty"`
+	// CPUBoundVsXMPP is xmpp's CPU per request over cross's, this process
+	// and the servers together: the throughput ratio to expect when the
+	// machine's CPU limits both (as when everything shares one machine),
+	// steadier than req/s on a shared machine. 0 when a CPU time is
+	// unknown.
+	CPUBoundVsXMPP float64 `json:"cross_cpu_bound_vs_xmpp,omitempty"`
 	// The targets that apply in this cell and whether they were met.
 	P50Target string `json:"p50_target,omitempty"`
 	P50Pass   *bool  `json:"p50_pass,omitempty"`
@@ -322,6 +328,9 @@ func (c *Cell) judge() {
 	c.P50VsProject = quo(cross.P50us, c.SumProjectP50us)
 	if x := c.Result(SideXMPP); x != nil {
 		c.RPSVsXMPP = quo(cross.RPS, x.RPS)
+		if x.CPUus > 0 && x.BrokerCPUus > 0 && cross.CPUus > 0 && cross.BrokerCPUus > 0 {
+			c.CPUBoundVsXMPP = (x.CPUus + x.BrokerCPUus) / (cross.CPUus + cross.BrokerCPUus)
+		}
 	}
 	if c.Outstanding == TargetP50Outstanding && c.P50VsSum > 0 {
 		pass := c.P50VsSum <= TargetP50Ratio

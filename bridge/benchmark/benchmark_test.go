@@ -35,7 +35,7 @@ func TestBenchParseSides(t *testing.T) {
 func TestBenchJudge(t *testing.T) {
 	res := func(side string, p50, rps float64) Result {
 		r := Result{Side: side}
-		r.Requests, r.P50us, r.RPS = 10, p50, rps
+		r.Requests, r.P50us, r.RPS, r.CPUus, r.BrokerCPUus = 10, p50, rps, 1e6/rps, 1e6/rps
 		return r
 	}
 	c := Cell{Outstanding: 1, Results: []Result{res(SideAMQPA, 200, 5000), res(SideXMPP, 200, 5000), res(SideAMQPB, 200, 5000),
@@ -47,7 +47,8 @@ func TestBenchJudge(t *testing.T) {
 	c = Cell{Outstanding: 64, Results: []Result{res(SideAMQPA, 2000, 30000), res(SideXMPP, 5000, 13000),
 		res(SideAMQPB, 2000, 30000), res(SideCross, 20000, 6000)}}
 	c.judge()
-	if c.RPSVsXMPP != 6000.0/13000 || c.RPSPass == nil || *c.RPSPass || c.P50Pass != nil || c.P50VsSum != 20000.0/9000 {
+	if c.RPSVsXMPP != 6000.0/13000 || c.RPSPass == nil || *c.RPSPass || c.P50Pass != nil || c.P50VsSum != 20000.0/9000 ||
+		c.CPUBoundVsXMPP != (2e6/13000)/(2e6/6000) {
 		t.Errorf("at 64: %+v", c)
 	}
 }

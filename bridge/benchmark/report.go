@@ -81,7 +81,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 		return err
 	}
 	tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
-	head := "out\t|\tsum of raw legs p50\tcross p50\tx sum\ttarget\t|\txmpp req/s\tcross req/s\tx xmpp\ttarget\t"
+	head := "out\t|\tsum of raw legs p50\tcross p50\tx sum\ttarget\t|\txmpp req/s\tcross req/s\tx xmpp\ttarget\tcpu-bound x xmpp\t"
 	if project {
 		head += "|\tsum of project legs p50\tx project\t"
 	}
@@ -96,13 +96,19 @@ func (r *Report) WriteTable(w io.Writer) error {
 			cr, cp = x.RPS, x.P50us
 		}
 		row := []string{fmt.Sprint(c.Outstanding), "|", nb.FormatMicros(c.SumRawP50us), nb.FormatMicros(cp), ratio(c.P50VsSum),
-			verdict(c.P50Target, c.P50Pass), "|", count(xr), count(cr), ratio(c.RPSVsXMPP), verdict(c.RPSTarget, c.RPSPass)}
+			verdict(c.P50Target, c.P50Pass), "|", count(xr), count(cr), ratio(c.RPSVsXMPP), verdict(c.RPSTarget, c.RPSPass),
+			ratio(c.CPUBoundVsXMPP)}
 		if project {
 			row = append(row, "|", nb.FormatMicros(c.SumProjectP50us), ratio(c.P50VsProject))
 		}
 		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
 	}
 	if err := tw.Flush(); err != nil {
+		return err
+	}
+	if _, err := fmt.Fprintln(w, "  cpu-bound x xmpp: xmpp's CPU per request over cross's, this process and the servers together: the throughput\n"+
+		"  ratio to expect when the machine's CPU limits both, steadier than req/s on a shared machine; the servers' CPU\n"+
+		"  includes their idle spinning, which weighs more on slower sides"); err != nil {
 		return err
 	}
 
