@@ -83,10 +83,23 @@ type Options struct {
 	// DrainTimeout bounds how long a shutdown waits for the ops in flight
 	// (default DefaultDrainTimeout).
 	DrainTimeout time.Duration
+	// Hold is how long the bridge holds an op's first stanzas (the op's
+	// echo, its ack, intermediate results) to send them together, in one
+	// stanza with the result when the op ends in time (vertebra's
+	// Config.Hold; default DefaultHold, negative: never batch).
+	Hold time.Duration
 }
 
 // DefaultDrainTimeout is how long a shutdown waits for ops in flight.
 const DefaultDrainTimeout = 30 * time.Second
+
+// DefaultHold is the bridge's Options.Hold. An op relayed into a cluster
+// waits for a broker round trip, which under load often takes longer than
+// vertebra's default (2 ms); past the hold, the echo leaves with the ack
+// alone and the result needs an IQ-set and its IQ-result of its own, two
+// more stanzas through the XMPP server. Holding longer delays only the ack
+// and intermediate results, never the result.
+const DefaultHold = 20 * time.Millisecond
 
 // Bridge relays ops from XMPP into its clusters.
 type Bridge struct {
@@ -157,6 +170,12 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 	}
 	if opts.MaxInFlight <= 0 {
 		opts.MaxInFlight = DefaultMaxInFlight
+	}
+	if opts.Hold == 0 {
+		opts.Hold = DefaultHold
+	}
+	if opts.Hold == 0 {
+		opts.Hold = DefaultHold
 	}
 	domain, err := jid.Parse(cfg.XMPP.Domain)
 	if err != nil {
@@ -269,7 +288,7 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 			}
 		}
 	}
-	b.ep = vertebra.NewEndpoint(vertebra.Config{Handler: b, Logger: log.With("side", "xmpp")})
+	b.ep = vertebra.NewEndpoint(vertebra.Config{Handler: b, Hold: opts.Hold, Logger: log.With("side", "xmpp")})
 	b.dial = vertebra.DialConfig{JID: domain, Secret: secret, Addr: cfg.XMPP.Server}
 	return b, nil
 }

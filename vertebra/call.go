@@ -124,7 +124,9 @@ func (e *Endpoint) Call(ctx context.Context, to jid.JID, op string, payload json
 	el := Element{Kind: KindOp, Token: newID(), Type: op, Scope: o.scope, Payload: payload, Meta: o.meta}
 	el.Meta.Seq, el.Meta.Intermediate, el.Meta.Key = 0, false, ""
 	el.Meta.Batch = !e.cfg.NoBatch
-	if _, err := el.AppendTokens(nil); err != nil {
+	el.Meta.Timeout = max(time.Until(deadline), time.Millisecond)
+	first, err := el.AppendTokens(nil) // sent first; an error is the payload's
+	if err != nil {
 		return nil, fmt.Errorf("vertebra: op %s: %w", op, err)
 	}
 	c := &call{to: to, opID: newID(), notify: make(chan struct{}, 1), seen: map[string]struct{}{}}
@@ -136,6 +138,11 @@ func (e *Endpoint) Call(ctx context.Context, to jid.JID, op string, payload json
 	e.stats.called.Add(1)
 
 	build := func() []xml.Token {
+		if first != nil { // the first send, just after the check
+			toks := first
+			first = nil
+			return iqTokens(c.opID, from, to, toks)
+		}
 		m := el
 		m.Meta.Timeout = max(time.Until(deadline), time.Millisecond)
 		toks, _ := m.AppendTokens(nil)

@@ -294,8 +294,13 @@ func (p *pending) deliver(r response) {
 
 // iqTokens wraps payload tokens in an IQ-set.
 func iqTokens(id string, from, to jid.JID, payload []xml.Token) []xml.Token {
+	return iqOf(stanza.SetIQ, id, from, to, payload)
+}
+
+// iqOf wraps payload tokens in an IQ of type typ.
+func iqOf(typ stanza.IQType, id string, from, to jid.JID, payload []xml.Token) []xml.Token {
 	st := xml.StartElement{Name: xml.Name{Local: "iq"}, Attr: []xml.Attr{
-		{Name: xml.Name{Local: "type"}, Value: "set"},
+		{Name: xml.Name{Local: "type"}, Value: string(typ)},
 		{Name: xml.Name{Local: "id"}, Value: id},
 	}}
 	if s := to.String(); s != "" {

@@ -61,25 +61,32 @@ type served struct {
 	batch  bool // the caller accepts batches
 
 	// echoMu guards the echo: a component holds it back (echoHeld) to
-	// send the op's first stanzas in it; echoToks is the payload sent, for
-	// duplicates of the op.
+	// send the op's first stanzas in it; echoEls are the stanzas it
+	// carried, to answer duplicates of the op with the same echo. They are
+	// kept as elements, not as the echo's tokens: a finished op is
+	// remembered until after its deadline (tens of thousands of ops at a
+	// time under load), and its tokens hold many times more pointers for
+	// the garbage collector to scan.
 	echoMu   sync.Mutex
 	echoHeld bool
-	echoToks []xml.Token
+	echoEls  []*Element
 
 	// guarded by Endpoint.mu
 	done    bool
 	expires time.Time
 }
 
-// echoPayload returns the payload to answer a duplicate of the op with.
-func (s *served) echoPayload() []xml.Token {
-	s.echoMu.Lock()
-	defer s.echoMu.Unlock()
-	if s.echoToks == nil {
-		return s.echo()
+// echoLocked returns the payload of the op's echo: a batch of the op and
+// the stanzas the echo carried, or the bare echo. s.echoMu is held.
+func (s *served) echoLocked() []xml.Token {
+	if len(s.echoEls) > 0 {
+		op := &Element{Kind: KindOp, Token: s.req.Token, Type: s.req.Type}
+		if toks, err := AppendBatch(nil, append([]*Element{op}, s.echoEls...)); err == nil {
+			return toks
+		}
+		// Cannot happen: the elements were checked when sent.
 	}
-	return s.echoToks
+	return s.echo()
 }
 
 func (s *served) echo() []xml.Token {
@@ -108,10 +115,7 @@ func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEnco
 			s.echoHeld = false
 			return writeIQResult(t, iq, s.echo())
 		}
-		if s.echoToks != nil {
-			return writeIQResult(t, iq, s.echoToks)
-		}
-		return writeIQResult(t, iq, s.echo())
+		return writeIQResult(t, iq, s.echoLocked())
 	}
 	if e.ctx.Err() != nil {
 		e.mu.Unlock()
@@ -359,8 +363,11 @@ func (w *Reply) sendLocked(ctx context.Context, el *Element) error {
 	}
 	el.Token = w.s.req.Token
 	el.Meta.Seq = w.seq + 1
-	if _, err := el.AppendTokens(nil); err != nil {
-		return fmt.Errorf("vertebra: %s of %s: %w", el.Kind, w.s.req.Type, err)
+	// Only a payload can fail to encode: check it before it is held.
+	if len(el.Payload) > 0 {
+		if _, err := el.AppendTokens(nil); err != nil {
+			return fmt.Errorf("vertebra: %s of %s: %w", el.Kind, w.s.req.Type, err)
+		}
 	}
 	w.seq++
 	if !w.s.batch {
@@ -409,25 +416,12 @@ func (w *Reply) flushLocked(ctx context.Context) error {
 	s.echoMu.Lock()
 	if s.echoHeld {
 		s.echoHeld = false
-		echo := s.echo()
-		toks := echo
-		if len(els) > 0 {
-			var err error
-			op := &Element{Kind: KindOp, Token: s.req.Token, Type: s.req.Type}
-			if toks, err = AppendBatch(nil, append([]*Element{op}, els...)); err != nil {
-				toks = echo // cannot happen: the elements were checked
-			}
-		}
-		s.echoToks = toks
+		s.echoEls = els
+		toks := s.echoLocked()
 		s.echoMu.Unlock()
-		iq := stanza.IQ{ID: s.req.ID, Type: stanza.ResultIQ, From: s.local, To: s.req.From}
-		r := iq.Wrap(&tokenSlice{toks: toks})
-		all, err := xmlstream.ReadAll(r)
-		if err == nil {
-			// A lost echo is not sent again: the caller sends the op again
-			// and gets echoToks.
-			err = w.e.write(s.ctx, all)
-		}
+		// A lost echo is not sent again: the caller sends the op again and
+		// gets the same echo (echoLocked).
+		err := w.e.write(s.ctx, iqOf(stanza.ResultIQ, s.req.ID, s.local, s.req.From, toks))
 		if err != nil {
 			w.e.log.Debug("vertebra: echo", "token", s.req.Token, "err", err)
 		}

@@ -124,6 +124,7 @@ vhost is one cluster.
 	for _, newCmd := range []func() *cobra.Command{
 		newBenchCmd,
 		newBenchXMPPCmd,
+		newBenchBridgeCmd,
 	} {
 		root.AddCommand(newCmd())
 	}

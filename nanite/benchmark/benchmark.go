@@ -427,46 +427,28 @@ func order(names []string, rounds int) string {
 
 func runCell(ctx context.Context, cfg *Config, sides []side, payload []byte, out int) (Cell, error) {
 	cell := Cell{Payload: len(payload), Outstanding: out}
-	ms := make([]*Measure, len(sides))
-	for i := range ms {
-		ms[i] = &Measure{}
+	ss := make([]Side, len(sides))
+	for i, s := range sides {
+		ss[i] = sideAdapter{s}
 	}
-	if cfg.Warmup > 0 {
-		for _, s := range sides {
-			if _, err := runSlice(ctx, s, payload, out, cfg.Warmup, 0, cfg.BrokerCPU); err != nil {
-				return cell, err
-			}
-		}
-	}
-	perRound := cfg.Duration / time.Duration(cfg.Rounds)
-	reqs := 0
-	if cfg.Requests > 0 {
-		reqs = max(cfg.Requests/cfg.Rounds, 1)
-	}
-	for r := range cfg.Rounds {
-		idx := make([]int, len(sides))
-		for i := range idx {
-			idx[i] = i
-		}
-		if r%2 == 1 {
-			slices.Reverse(idx)
-		}
-		for _, i := range idx {
-			part, err := runSlice(ctx, sides[i], payload, out, perRound, reqs, cfg.BrokerCPU)
-			if err != nil {
-				return cell, err
-			}
-			ms[i].merge(part)
-		}
+	ms, err := MeasureCell(ctx, ss, payload, out, Schedule{Duration: cfg.Duration, Requests: cfg.Requests,
+		Warmup: cfg.Warmup, Rounds: cfg.Rounds, ServerCPU: cfg.BrokerCPU})
+	if err != nil {
+		return cell, err
 	}
 	for i, s := range sides {
-		ms[i].finish()
-		cell.Results = append(cell.Results, Result{Mode: s.name(), Measure: *ms[i]})
+		cell.Results = append(cell.Results, Result{Mode: s.name(), Measure: ms[i]})
 	}
 	cell.Load1 = load1()
 	cell.judge()
 	return cell, nil
 }
+
+// sideAdapter makes a side of this package a Side.
+type sideAdapter struct{ s side }
+
+func (a sideAdapter) Name() string                                 { return a.s.name() }
+func (a sideAdapter) Do(ctx context.Context, payload []byte) error { return a.s.do(ctx, payload) }
 
 // Result returns the result of the named mode, nil if it did not run.
 func (c *Cell) Result(mode string) *Result {
@@ -539,7 +521,7 @@ func figures(cells []Cell) []Figure {
 
 // runSlice runs out workers, each making sequential requests, for d (or
 // until reqs requests in all when reqs > 0).
-func runSlice(ctx context.Context, s side, payload []byte, out int, d time.Duration, reqs int, brokerCPU func() time.Duration) (*Measure, error) {
+func runSlice(ctx context.Context, s Side, payload []byte, out int, d time.Duration, reqs int, brokerCPU func() time.Duration) (*Measure, error) {
 	m := &Measure{}
 	var (
 		mu       sync.Mutex
@@ -557,7 +539,7 @@ func runSlice(ctx context.Context, s side, payload []byte, out int, d time.Durat
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			pprof.SetGoroutineLabels(pprof.WithLabels(ctx, pprof.Labels(ProfileLabel, s.name())))
+			pprof.SetGoroutineLabels(pprof.WithLabels(ctx, pprof.Labels(ProfileLabel, s.Name())))
 			lat := make([]time.Duration, 0, 1024)
 			for ctx.Err() == nil {
 				if reqs > 0 {
@@ -569,7 +551,7 @@ func runSlice(ctx context.Context, s side, payload []byte, out int, d time.Durat
 				}
 				t0 := time.Now()
 				rctx, cancel := context.WithTimeout(ctx, RequestTimeout)
-				err := s.do(rctx, payload)
+				err := s.Do(rctx, payload)
 				cancel()
 				if err != nil {
 					if errCount.Add(1) == 1 {
@@ -602,7 +584,7 @@ func runSlice(ctx context.Context, s side, payload []byte, out int, d time.Durat
 		m.FirstErr = e
 	}
 	if m.Errors > 0 && m.Requests == 0 {
-		return nil, fmt.Errorf("benchmark: every %s request failed: %s", s.name(), m.FirstErr)
+		return nil, fmt.Errorf("benchmark: every %s request failed: %s", s.Name(), m.FirstErr)
 	}
 	return m, nil
 }
