@@ -569,17 +569,17 @@ func (b *Bridge) ServeOp(ctx context.Context, req *vertebra.Request, w *vertebra
 	// An op from XMPP never goes to this bridge's own proxy agents (it
 	// would be relayed out again: loops). When proxies offer the service
 	// too, the bridge picks the agent itself among the others.
-	agents, proxied := c.localAgents()
-	if !offers(agents, service, target, req.Meta.Tags) {
+	if !c.offersLocally(service, target, req.Meta.Tags) {
 		if target != "" {
 			return b.refuse(ctx, req, w, RefuseNoAgent, CodeNoAgent, "agent %s of %s does not offer %s", target, c.jid, service)
 		}
-		if offers(proxied, service, "", req.Meta.Tags) {
+		if c.proxyOffers(service, req.Meta.Tags) {
 			return b.refuse(ctx, req, w, RefuseNoAgent, CodeNoAgent, "no agent of %s offers %s (only proxies for remote clusters, which an op from XMPP never goes through)", c.jid, service)
 		}
 		return b.refuse(ctx, req, w, RefuseNoAgent, CodeNoAgent, "no agent of %s offers %s", c.jid, service)
 	}
-	if target == "" && selector != nanite.SelectAll && offers(proxied, service, "", req.Meta.Tags) {
+	if target == "" && selector != nanite.SelectAll && c.proxyOffers(service, req.Meta.Tags) {
+		agents, _ := c.localAgents()
 		target = pickAgent(agents, service, req.Meta.Tags, selector)
 		ropts = append(ropts, nanite.WithTarget(target))
 	}
@@ -696,6 +696,26 @@ func offers(agents []nanite.AgentState, service, target string, tags []string) b
 			if s.Name == service {
 				return true
 			}
+		}
+	}
+	return false
+}
+
+// offersLocally reports whether an agent of the cluster other than this
+// bridge's proxies (the one named target, when given) offers service with
+// tags; it looks only at the agents of that service.
+func (c *cluster) offersLocally(service, target string, tags []string) bool {
+	return c.mapper.AnyAgent(service, func(a *nanite.AgentState) bool {
+		return (target == "" || a.Identity == target) && !c.isProxy(*a) && hasAll(a.Tags, tags)
+	})
+}
+
+// proxyOffers reports whether one of this bridge's proxies in the cluster
+// offers service with tags.
+func (c *cluster) proxyOffers(service string, tags []string) bool {
+	for id := range c.proxies {
+		if a, ok := c.mapper.Agent(id); ok && c.isProxy(a) && offers([]nanite.AgentState{a}, service, "", tags) {
+			return true
 		}
 	}
 	return false

@@ -473,8 +473,7 @@ func (p *proxy) relayLocal(ctx context.Context, r *nanite.Request) (any, error) 
 		p.b.count(RefuseUnavailable)
 		return nil, &nanite.RemoteError{Code: CodeUnavailable, Message: fmt.Sprintf("%s: the broker of %s cannot be reached now", RefuseUnavailable, dst.jid)}
 	}
-	agents, proxied := dst.localAgents()
-	if !offers(agents, svc, target, nil) {
+	if !dst.offersLocally(svc, target, nil) {
 		p.b.count(RefuseNoAgent)
 		return nil, &nanite.RemoteError{Code: CodeNoAgent, Message: fmt.Sprintf("%s: no agent of %s offers %s", RefuseNoAgent, dst.jid, svc)}
 	}
@@ -494,7 +493,8 @@ func (p *proxy) relayLocal(ctx context.Context, r *nanite.Request) (any, error) 
 		opts = append(opts, nanite.WithTarget(target))
 	case fanOut:
 		opts = append(opts, nanite.WithSelector(nanite.SelectAll))
-	case offers(proxied, svc, "", nil):
+	case dst.proxyOffers(svc, nil):
+		agents, _ := dst.localAgents()
 		opts = append(opts, nanite.WithTarget(pickAgent(agents, svc, nil, r.Selector)))
 	}
 	payload := r.Payload

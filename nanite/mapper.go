@@ -471,6 +471,40 @@ func (m *Mapper) Agents() []AgentState {
 	return m.reg.snapshot()
 }
 
+// AnyAgent reports whether some agent offering service satisfies match,
+// looking at the agents of that service only and stopping at the first
+// match (a relay's "is there an agent other than ..." check, cheap with
+// many agents). match runs with the mapper's lock held: it must not call
+// the mapper, and must not keep a.
+func (m *Mapper) AnyAgent(service string, match func(a *AgentState) bool) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	set := m.reg.services[service]
+	if set == nil {
+		return false
+	}
+	for _, e := range set.list {
+		if match(&e.AgentState) {
+			return true
+		}
+	}
+	return false
+}
+
+// Agent returns the state of the agent with identity id.
+func (m *Mapper) Agent(id string) (AgentState, bool) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	e := m.reg.agents[id]
+	if e == nil {
+		return AgentState{}, false
+	}
+	st := e.AgentState
+	st.Services = append([]ServiceInfo(nil), st.Services...)
+	st.Tags = append([]string(nil), st.Tags...)
+	return st, true
+}
+
 // WaitForAgents blocks until at least n agents offer service (any agent
 // when service is empty), or ctx ends.
 func (m *Mapper) WaitForAgents(ctx context.Context, service string, n int) error {
