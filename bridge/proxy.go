@@ -36,6 +36,10 @@ const (
 // stands for.
 const ProxyStatus = 100.0
 
+// ProxyPrefetch is how many requests a proxy agent takes from its queue at
+// once (nanite's default is 16, for agents that work on a CPU).
+const ProxyPrefetch = 512
+
 // DefaultDiscoveryInterval is how often a proxy asks the remote side for
 // its services again while nothing else prompts it (remote presence
 // changes prompt it at once).
@@ -278,8 +282,11 @@ func (p *proxy) discover(ctx context.Context, lastSess **xmpp.Session) (svcs []s
 // startAgent runs the proxy agent offering svcs.
 func (p *proxy) startAgent(svcs []string) (stop func(), errc chan error, err error) {
 	tags := append([]string{TagProxy, TagRemotePrefix + p.remote.Domainpart(), nanite.GatewayTag(p.remote.String())}, p.imp.AsTags...)
+	// A proxy waits on the XMPP leg, not on a CPU: it takes many requests
+	// at once (a WAN round trip would otherwise cap an import at
+	// prefetch / RTT requests a second).
 	cfg := nanite.AgentConfig{URL: p.c.url, TLS: p.c.tls, Identity: p.id, Tags: tags,
-		Status: p.status, Logger: p.b.log.With("proxy", p.id)}
+		Status: p.status, Prefetch: ProxyPrefetch, Logger: p.b.log.With("proxy", p.id)}
 	if p.ident != nil {
 		cfg.Secure = &nanite.Secure{Identity: p.ident, Verifier: p.b.secv}
 	}
