@@ -5,7 +5,7 @@
 export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 
-.PHONY: demo federation test deps build vet bench dev
+.PHONY: demo federation test deps build vet bench bench-bridge dev
 
 deps:
 	./scripts/install-deps
@@ -30,3 +30,6 @@ test: deps
 
 bench: deps build
 	./bin/nanite bench
+
+bench-bridge: deps build
+	./bin/nanite bench-bridge
