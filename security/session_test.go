@@ -94,6 +94,13 @@ func TestSessionRoundTrip(t *testing.T) {
 			if err != nil || !bytes.Equal(body, res) || s != p.out {
 				t.Fatalf("result: %v %q", err, body)
 			}
+			// A dead letter comes back to its sender: its own MAC, no window.
+			if b, err := p.out.OpenOwn(env); err != nil || !bytes.Equal(b, req) {
+				t.Fatalf("own packet: %v", err)
+			}
+			if _, err := p.in.OpenOwn(env); !errors.Is(err, ErrBadMAC) {
+				t.Fatalf("the responder took the initiator's packet as its own: %v", err)
+			}
 			if st := p.av.Stats(); st.SessionVerified != 1 {
 				t.Fatalf("stats %v", st)
 			}
