@@ -206,13 +206,15 @@ func (st *sessionState) remember(k sentKey, c sentCopy) {
 	st.mu.Lock()
 	defer st.mu.Unlock()
 	st.sent[k] = c
-	if now := time.Now(); len(st.sent) > 256 && now.Sub(st.lastSweep) > time.Second {
+	now := time.Now()
+	if since := now.Sub(st.lastSweep); since > time.Minute || len(st.sent) > 256 && since > time.Second {
 		st.sweepLocked(now)
 	}
 }
 
-// sweepLocked forgets requests past their deadline and sessions past their
-// end (plus the grace in which results are still taken).
+// sweepLocked forgets requests past their deadline (plus the window),
+// sessions past their end (plus the time in which results are still
+// taken), and agents with nothing left.
 func (st *sessionState) sweepLocked(now time.Time) {
 	st.lastSweep = now
 	for k, c := range st.sent {
@@ -223,6 +225,17 @@ func (st *sessionState) sweepLocked(now time.Time) {
 	for id, s := range st.byID {
 		if now.After(s.Expires.Add(10 * time.Minute)) {
 			delete(st.byID, id)
+		}
+	}
+	for agent, ps := range st.peers {
+		if ps.cur != nil && now.After(ps.cur.Expires) {
+			ps.cur = nil
+		}
+		if ps.pending != nil && now.Sub(ps.offeredAt) > sessionPendingTimeout {
+			ps.pending, ps.offer = nil, nil
+		}
+		if ps.cur == nil && ps.pending == nil && now.After(ps.declinedUntil) {
+			delete(st.peers, agent)
 		}
 	}
 }

@@ -616,3 +616,30 @@ func TestSessionOfferCodec(t *testing.T) {
 		t.Fatalf("%+v %v", back, err)
 	}
 }
+
+// A mapper forgets requests past their deadline, ended sessions and agents
+// with nothing left.
+func TestSessionMapperSweep(t *testing.T) {
+	k := newPKI(t)
+	me := k.sessionSecure("req-sweep", security.RoleMapper, nil, false, 0, 0)
+	agent := k.ident("agent-sweep", security.RoleAgent)
+	if _, err := me.Verifier.VerifyCert(agent.Cert.Raw, "agent-sweep", security.RoleAgent); err != nil {
+		t.Fatal(err)
+	}
+	st := me.sessions()
+	sess, _, offer := st.forRequest(me, "agent-sweep")
+	if sess != nil || offer == nil || len(st.byID) != 1 {
+		t.Fatalf("first request: %v %s", sess, offer)
+	}
+	st.remember(sentKey{"t1", "agent-sweep"}, sentCopy{offer: "x", until: time.Now().Add(time.Minute)})
+	st.mu.Lock()
+	st.sweepLocked(time.Now())
+	if len(st.sent) != 1 || len(st.peers) != 1 || len(st.byID) != 1 {
+		t.Fatalf("swept too early: %d %d %d", len(st.sent), len(st.peers), len(st.byID))
+	}
+	st.sweepLocked(time.Now().Add(time.Hour))
+	if len(st.sent) != 0 || len(st.peers) != 0 || len(st.byID) != 0 {
+		t.Fatalf("not swept: %d %d %d", len(st.sent), len(st.peers), len(st.byID))
+	}
+	st.mu.Unlock()
+}
