@@ -643,3 +643,42 @@ func TestSessionMapperSweep(t *testing.T) {
 	}
 	st.mu.Unlock()
 }
+
+// A mapper daemon relays agent-originated requests in its sessions with
+// the target agents: the origin (the asking agent's signed request) travels
+// inside the session packet, and the policy still judges the agent that
+// asked.
+func TestSessionRelayedOrigin(t *testing.T) {
+	c := newCluster(t)
+	k := newPKI(t)
+	pol := mustPolicy(t, testPolicy)
+	daemon, _ := c.mapper(MapperConfig{Identity: "daemon-s", ServeAgentRequests: true, Secure: k.sessionSecure("daemon-s", security.RoleMapper, nil, false, 0, 0)})
+	var counted atomic.Int64
+	counter, _ := c.agent(AgentConfig{Identity: "agent-counter-s", Secure: k.sessionSecure("agent-counter-s", security.RoleAgent, pol, false, 0, 0)},
+		NewActor("counter").Expose("incr", func(ctx context.Context, r *Request) (any, error) {
+			if r.Caller != "agent-caller-s" {
+				return nil, errors.New("caller " + r.Caller)
+			}
+			return counted.Add(1), nil
+		}),
+		NewActor("echo").Expose("say", func(ctx context.Context, r *Request) (any, error) { return "no", nil }))
+	caller, _ := c.agent(AgentConfig{Identity: "agent-caller-s", Secure: k.sessionSecure("agent-caller-s", security.RoleAgent, pol, false, 0, 0)})
+	waitAgents(t, daemon, "/counter/incr", 1)
+	eventually(t, "the caller agent up", 10*time.Second, func() bool { return caller.link.connected() })
+	for i := range 3 {
+		if _, err := caller.Request(t.Context(), "/counter/incr", nil, WithTimeout(10*time.Second)); err != nil || counted.Load() != int64(i+1) {
+			t.Fatalf("relayed request %d: %v (count %d)", i, err, counted.Load())
+		}
+	}
+	_, err := caller.Request(t.Context(), "/echo/say", nil, WithTimeout(5*time.Second))
+	var re *RemoteError
+	if !errors.As(err, &re) || re.Code != CodeUnauthorized || !strings.Contains(re.Message, "agent-caller-s") {
+		t.Fatalf("relayed request outside the policy: %v", err)
+	}
+	if st := daemon.Stats(); st["sessions_established"] != 1 || st["session_requests_sent"] != 3 || st["session_results"] != 4 {
+		t.Fatalf("daemon stats %v", st)
+	}
+	if st := counter.Stats(); st["session_requests"] != 3 || st["rejected_name_mismatch"] != 0 {
+		t.Fatalf("agent stats %v", st)
+	}
+}
