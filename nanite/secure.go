@@ -42,9 +42,9 @@ type Secure struct {
 	// signed requests as before. Everything else stays signed.
 	Sessions bool
 	// SessionLifetime is how long a mapper's session lasts (default
-	// security.DefaultSessionLifetime, at most
-	// security.MaxSessionLifetime); it offers a new one when three
-	// quarters of it have passed.
+	// security.DefaultSessionLifetime; at least four times the verifier's
+	// window, at most security.MaxSessionLifetime); it offers a new one
+	// when three quarters of it have passed.
 	SessionLifetime time.Duration
 	// MaxSessions bounds the sessions an agent holds (default
 	// security.DefaultMaxSessions, at most

@@ -108,11 +108,16 @@ func (s *Secure) sessions() *sessionState {
 	return s.state.Load()
 }
 
+// lifetime is the mapper's session lifetime: SessionLifetime (default
+// security.DefaultSessionLifetime), at least four windows (a session is not
+// used in its last window, and is renewed in its last quarter), at most
+// security.MaxSessionLifetime.
 func (s *Secure) lifetime() time.Duration {
-	if s.SessionLifetime <= 0 {
-		return security.DefaultSessionLifetime
+	l := s.SessionLifetime
+	if l <= 0 {
+		l = security.DefaultSessionLifetime
 	}
-	return min(s.SessionLifetime, security.MaxSessionLifetime)
+	return min(max(l, 4*s.Verifier.Window()), security.MaxSessionLifetime)
 }
 
 // ---------------------------------------------------------------------------

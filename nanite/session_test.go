@@ -682,3 +682,18 @@ func TestSessionRelayedOrigin(t *testing.T) {
 		t.Fatalf("agent stats %v", st)
 	}
 }
+
+func TestSessionLifetime(t *testing.T) {
+	k := newPKI(t)
+	for _, c := range []struct{ window, set, want time.Duration }{
+		{0, 0, security.DefaultSessionLifetime},
+		{0, time.Minute, 4 * security.DefaultWindow},
+		{time.Second, time.Minute, time.Minute},
+		{0, 5 * time.Hour, security.MaxSessionLifetime},
+		{30 * time.Minute, 0, security.MaxSessionLifetime},
+	} {
+		if got := k.sessionSecure("req-l", security.RoleMapper, nil, false, c.window, c.set).lifetime(); got != c.want {
+			t.Errorf("window %v, SessionLifetime %v: %v, want %v", c.window, c.set, got, c.want)
+		}
+	}
+}
