@@ -162,7 +162,10 @@ func newError(sentinel error, signer string, cause error, format string, args ..
 }
 
 func (e *Error) Error() string {
-	s := e.sentinel.Error()
+	s := "security: " + e.Reason // an *Error made as a literal, outside this package
+	if e.sentinel != nil {
+		s = e.sentinel.Error()
+	}
 	if e.Signer != "" {
 		s += fmt.Sprintf(" (signer %q)", e.Signer)
 	}
@@ -177,10 +180,13 @@ func (e *Error) Error() string {
 
 // Unwrap returns the sentinel and, if any, the underlying cause.
 func (e *Error) Unwrap() []error {
-	if e.cause == nil {
-		return []error{e.sentinel}
+	var errs []error
+	for _, err := range []error{e.sentinel, e.cause} {
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
-	return []error{e.sentinel, e.cause}
+	return errs
 }
 
 // Reason returns the machine reason of err: the Reason of the first *Error in
