@@ -254,6 +254,7 @@ func (a *Agent) Stats() map[string]int64 {
 		"unauthorized":      s.unauthorized.Load(),
 	}
 	a.rejects.into(out, "rejected_")
+	a.cfg.Secure.sessionStats(out)
 	return out
 }
 
@@ -416,7 +417,7 @@ func (a *Agent) heartbeat(ctx context.Context) {
 // prefetch).
 func (a *Agent) handleDelivery(d *delivery) {
 	sec := a.cfg.Secure
-	in, err := sec.open(d.Body, a.cfg.MaxPayload, security.RoleMapper, security.RoleClient, security.RoleBridge)
+	in, err := sec.openRequest(d.Body, a.cfg.MaxPayload, security.RoleMapper, security.RoleClient, security.RoleBridge)
 	p := in.pkt
 	if err != nil && sec != nil && !errors.Is(err, errBadPacket) && !errors.Is(err, ErrTooLarge) {
 		// Refused by secure mode: counted, logged, and the requester told
@@ -426,7 +427,7 @@ func (a *Agent) handleDelivery(d *delivery) {
 		a.log.Warn("refused packet", "reason", reason, "err", err)
 		if token, replyTo := peekRequest(d.Body); token != "" && replyTo != "" {
 			a.reply(&Packet{Kind: KindRequest, Token: token, ReplyTo: replyTo}, security.SealKey{}, nil,
-				&ErrorBody{Code: CodeUnauthorized, Message: fmt.Sprintf("agent %s refused the request (%s): %v", a.id, reason, err)})
+				&ErrorBody{Code: rejectCode(err), Message: fmt.Sprintf("agent %s refused the request (%s): %v", a.id, reason, err)})
 		}
 		_ = d.Ack()
 		return
@@ -496,7 +497,7 @@ func (a *Agent) handleDelivery(d *delivery) {
 		a.stats.duplicates.Add(1)
 		a.log.Info("duplicate request", "token", p.Token, "service", p.Type, "done", state == dedupeDone)
 		if state == dedupeDone && cached != nil && p.ReplyTo != "" {
-			_ = a.link.publish(a.handlerCtx, message{Key: p.ReplyTo, Body: cached, CorrelationID: p.Token, Type: string(KindResult)})
+			_ = a.link.publish(a.handlerCtx, message{Key: p.ReplyTo, Body: sec.forAnyone(cached), CorrelationID: p.Token, Type: string(KindResult)})
 		}
 		_ = d.Ack()
 		return
@@ -600,7 +601,7 @@ func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string,
 			}
 			body, err := ip.Encode()
 			if err == nil {
-				body, err = a.cfg.Secure.wrap(body, false)
+				body, err = a.cfg.Secure.wrapReply(p, body)
 			}
 			if err != nil {
 				return err
@@ -702,7 +703,7 @@ func (a *Agent) finishPacket(d *delivery, p *Packet, rp *Packet) {
 	if answer {
 		b, err := rp.Encode()
 		if err == nil {
-			b, err = a.cfg.Secure.wrap(b, false)
+			b, err = a.cfg.Secure.wrapReply(p, b)
 		}
 		if err != nil {
 			a.log.Error("encode result", "err", err)
@@ -727,7 +728,7 @@ func (a *Agent) finishBody(d *delivery, p *Packet, answer bool, body []byte) {
 		// Copies that arrived while it ran, from another requester
 		// (a mapper daemon that took over a relay), get the answer too.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_ = a.link.publish(ctx, message{Key: replyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult)})
+		_ = a.link.publish(ctx, message{Key: replyTo, Body: a.cfg.Secure.forAnyone(body), CorrelationID: p.Token, Type: string(KindResult)})
 		cancel()
 	}
 	if err := d.Ack(); err != nil {
@@ -758,7 +759,7 @@ func (a *Agent) buildReply(p *Packet, sealTo security.SealKey, payload json.RawM
 	}
 	body, err := rp.encodeTrusted()
 	if err == nil {
-		body, err = a.cfg.Secure.wrap(body, false)
+		body, err = a.cfg.Secure.wrapReply(p, body)
 	}
 	if err != nil {
 		a.log.Error("encode result", "err", err)

@@ -101,6 +101,9 @@ func packetSizeHint(p *Packet) int {
 // appendPacket appends the encoding of p. It returns false if p holds
 // something encoding/json would refuse to encode.
 func appendPacket(b []byte, p *Packet) ([]byte, bool) {
+	if len(p.Session) > 0 {
+		return b, false // a session offer: rare, left to encoding/json
+	}
 	b = append(b, `{"v":`...)
 	b = strconv.AppendInt(b, ProtocolVersion, 10)
 	b = append(b, `,"packet":`...)
@@ -523,6 +526,8 @@ func (d *decoder) packet(p *Packet) bool {
 			f, ok = fOrigin, d.raw(&p.Origin)
 		case "hops":
 			f, ok = fHops, d.strings(&p.Hops)
+		case "session":
+			return false // a session offer: rare, left to encoding/json
 		default:
 			return d.unknown(key)
 		}

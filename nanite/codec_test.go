@@ -409,7 +409,7 @@ func TestCodecPacketFields(t *testing.T) {
 			status,omitempty:*float64 in_flight,omitempty:int heartbeat_ms,omitempty:int64
 			agent_version,omitempty:string sent_at,omitempty:int64
 			to,omitempty:string sealed,omitempty:[]uint8 origin,omitempty:json.RawMessage
-			hops,omitempty:[]string`,
+			session,omitempty:json.RawMessage hops,omitempty:[]string :*security.Session`,
 		reflect.TypeFor[ServiceInfo]():  `name:string idempotent,omitempty:bool`,
 		reflect.TypeFor[ErrorBody]():    `code:string message:string`,
 		reflect.TypeFor[ResultRecord](): `agent:string payload,omitempty:json.RawMessage error,omitempty:*nanite.ErrorBody`,

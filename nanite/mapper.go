@@ -545,6 +545,7 @@ func (m *Mapper) Stats() map[string]int64 {
 		"agents_dropped": s.dropped.Load(), "advertise_requests": s.advertises.Load(),
 	}
 	m.rejects.into(out, "rejected_")
+	m.cfg.Secure.sessionStats(out)
 	return out
 }
 
@@ -761,10 +762,7 @@ func (m *Mapper) send(ctx context.Context, pkt *Packet, agent string) error {
 		}
 		pkt = &cp
 	}
-	body, err := pkt.encodeTrusted()
-	if err == nil {
-		body, err = m.cfg.Secure.wrap(body, false)
-	}
+	body, err := m.cfg.Secure.encodeRequest(pkt, agent)
 	if err != nil {
 		return err
 	}
@@ -844,7 +842,7 @@ func (m *Mapper) handleReply(d *delivery) {
 			return
 		}
 	} else {
-		in, err := m.cfg.Secure.open(d.Body, m.cfg.MaxPayload, security.RoleAgent, security.RoleMapper, security.RoleBridge)
+		in, err := m.cfg.Secure.openResult(d.Body, m.cfg.MaxPayload, security.RoleAgent, security.RoleMapper, security.RoleBridge)
 		if err != nil {
 			m.stats.badPackets.Add(1)
 			reason := rejectReason(err)
@@ -853,6 +851,9 @@ func (m *Mapper) handleReply(d *delivery) {
 			return
 		}
 		p = in.pkt
+		if m.sessionReply(in) {
+			return
+		}
 		if p.Sealed != nil {
 			if m.cfg.Secure == nil {
 				return

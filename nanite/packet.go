@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"time"
+
+	"github.com/nanite-go/nanite/security"
 )
 
 // ProtocolVersion is the version of the wire protocol written in every
@@ -84,10 +86,17 @@ type Packet struct {
 	To     string          `json:"to,omitempty"`     // the agent a request was signed for
 	Sealed []byte          `json:"sealed,omitempty"` // the payload, sealed to the recipient (base64)
 	Origin json.RawMessage `json:"origin,omitempty"` // the original caller's envelope, on relayed requests
+	// Session keys (docs/security.md, "Session keys"): a session offer
+	// (security.SessionOffer) in a signed request.
+	Session json.RawMessage `json:"session,omitempty"`
 
 	// Federation (docs/bridge.md): the bridges (their XMPP domains) a
 	// request crossed before it entered this cluster, oldest first.
 	Hops []string `json:"hops,omitempty"`
+
+	// sess is the session a request arrived in, or whose offer it
+	// carried: the agent answers in it (nanite/session.go).
+	sess *security.Session
 }
 
 // ServiceInfo describes one service an agent offers.

@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"sort"
 	"sync"
+	"sync/atomic"
+	"time"
 
 	"github.com/nanite-go/nanite/security"
 )
@@ -30,6 +32,28 @@ type Secure struct {
 	// results (and intermediate results) back to the requester, so that
 	// neither the broker nor a relaying mapper or bridge can read them.
 	Seal bool
+
+	// Sessions turns on session keys (docs/security.md, "Session keys";
+	// nanite/session.go), on both sides: a mapper sets up a session with
+	// each agent whose certificate carries a sealing key, in its first
+	// signed request, and from then on authenticates the requests to that
+	// agent and the agent's results with an HMAC under the session's key
+	// instead of signatures; an agent accepts sessions offered to it, and
+	// signed requests as before. Everything else stays signed.
+	Sessions bool
+	// SessionLifetime is how long a mapper's session lasts (default
+	// security.DefaultSessionLifetime; at least four times the verifier's
+	// window, at most security.MaxSessionLifetime); it offers a new one
+	// when three quarters of it have passed.
+	SessionLifetime time.Duration
+	// MaxSessions bounds the sessions an agent holds (default
+	// security.DefaultMaxSessions, at most
+	// security.DefaultMaxSessionsPerPeer per peer name). When it is full,
+	// new offers are refused and their mappers go on signing.
+	MaxSessions int
+
+	// state is the sessions' run-time state (made on first use).
+	state atomic.Pointer[sessionState]
 }
 
 // Authorizer decides whether a caller may call a service on an agent with
@@ -77,6 +101,8 @@ type inbound struct {
 	// caller is who asked: the signer of the origin envelope for a relayed
 	// request, else peer.
 	caller *security.Peer
+	// sess is the session the message came in (nil: signed).
+	sess *security.Session
 }
 
 // errNameMismatch: a packet names a sender other than its signer.
@@ -93,6 +119,12 @@ func (s *Secure) open(raw []byte, max int, roles ...security.Role) (inbound, err
 	if err != nil {
 		return inbound{}, err
 	}
+	return s.decode(body, peer, max)
+}
+
+// decode decodes the body of a verified message from peer and checks that
+// the packet names its sender as peer.
+func (s *Secure) decode(body []byte, peer *security.Peer, max int) (inbound, error) {
 	p, err := DecodePacket(body, max)
 	if err != nil {
 		return inbound{pkt: p, peer: peer}, err
@@ -132,6 +164,9 @@ func (s *Secure) open(raw []byte, max int, roles ...security.Role) (inbound, err
 func (s *Secure) openOwn(raw []byte, max int) (*Packet, error) {
 	if s == nil {
 		return DecodePacket(raw, max)
+	}
+	if security.IsSessionEnvelope(raw) {
+		return s.openOwnSession(raw, max) // session.go
 	}
 	env, err := security.ParseEnvelope(raw)
 	if err != nil {
@@ -206,6 +241,8 @@ func rejectReason(err error) string {
 		return "too_large"
 	case errors.Is(err, errBadPacket):
 		return "malformed"
+	case errors.Is(err, errSessionMisuse):
+		return "session_misuse"
 	}
 	if r := security.Reason(err); r != "" && r != "error" {
 		return r
@@ -218,7 +255,13 @@ func rejectReason(err error) string {
 // anything else).
 func peekRequest(raw []byte) (token, replyTo string) {
 	body := raw
-	if security.IsEnvelope(raw) {
+	if security.IsSessionEnvelope(raw) {
+		env, err := security.ParseSessionEnvelope(raw)
+		if err != nil {
+			return "", ""
+		}
+		body = env.Body
+	} else if security.IsEnvelope(raw) {
 		env, err := security.ParseEnvelope(raw)
 		if err != nil {
 			return "", ""

@@ -3,6 +3,7 @@ package security
 import (
 	"fmt"
 	"testing"
+	"time"
 )
 
 var benchBody = []byte(`{"v":1,"packet":"request","type":"/bench/echo","token":"0123456789abcdef","from":"client-1","reply_to":"nanite-client-1","deadline":1767225600000,"payload":"xxxxxxxx"}`)
@@ -105,5 +106,54 @@ func BenchmarkPolicyDecide(b *testing.B) {
 	b.ReportAllocs()
 	for b.Loop() {
 		p.Decide(c, "/ml/train", []string{"gpu", "region:eu"})
+	}
+}
+
+// BenchmarkSessionWrap and BenchmarkVerifySessionEnvelope are the per-packet
+// cost of session keys (an HMAC-SHA256 each way instead of Ed25519).
+func BenchmarkSessionWrap(b *testing.B) {
+	p := newSessionPair(b, KEMX25519)
+	b.ReportAllocs()
+	var n int
+	for b.Loop() {
+		n = len(p.out.Wrap(benchBody))
+	}
+	b.ReportMetric(float64(n), "envelope-bytes")
+}
+
+func BenchmarkVerifySessionEnvelope(b *testing.B) {
+	p := newSessionPair(b, KEMX25519)
+	p.av.now = time.Now
+	envs := make([][]byte, b.N)
+	for i := range envs {
+		envs[i] = p.out.Wrap(benchBody)
+	}
+	b.ReportAllocs()
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		if _, _, err := p.av.VerifySessionEnvelope(envs[i], p.agentLookup, RoleMapper); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+// BenchmarkSessionSetup is what a session costs once: the initiator's offer
+// (HPKE seal) and the responder's acceptance (HPKE open).
+func BenchmarkSessionSetup(b *testing.B) {
+	for _, kem := range []KEM{KEMX25519, KEMHybrid} {
+		b.Run(kem.String(), func(b *testing.B) {
+			p := newSessionPair(b, kem)
+			peer, _ := p.av.VerifyCert(p.mapper.Cert.Raw, "map-1")
+			b.ReportAllocs()
+			for b.Loop() {
+				_, offer, err := p.mv.NewSession(p.mapper, "agent-1", 0)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := p.av.AcceptSession(p.agent, peer, offer); err != nil {
+					b.Fatal(err)
+				}
+			}
+		})
 	}
 }

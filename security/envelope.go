@@ -179,6 +179,9 @@ func parseEnvelope(raw []byte, max int) (*Envelope, error) {
 	if !IsEnvelope(raw) {
 		return nil, newError(ErrUnsigned, "", nil, "not an envelope")
 	}
+	if IsSessionEnvelope(raw) {
+		return nil, newError(ErrUnsupported, "", nil, "a session envelope (%s), not a signed one", AlgSession)
+	}
 	var e Envelope
 	if !decodeEnvelope(raw, &e) {
 		e = Envelope{}

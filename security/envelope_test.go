@@ -440,6 +440,15 @@ func TestErrorFormat(t *testing.T) {
 			t.Errorf("sentinel %q lacks the prefix", s)
 		}
 	}
+	// An *Error made as a literal by another package (it has no sentinel)
+	// prints its reason, not a panic.
+	var lit error = &Error{Reason: ReasonBadSignature, Signer: "x", Detail: "origin envelope"}
+	if got := fmt.Sprint(lit); got != `security: bad_signature (signer "x"): origin envelope` || Reason(lit) != ReasonBadSignature {
+		t.Errorf("literal *Error prints %q", got)
+	}
+	if errors.Is(lit, ErrBadSignature) || errors.Unwrap(lit) != nil {
+		t.Error("a literal *Error has no sentinel")
+	}
 }
 
 func TestParseEnvelopeBase64(t *testing.T) {

@@ -62,6 +62,21 @@ var (
 	ErrBadPolicy = errors.New("security: invalid policy")
 	// ErrBadKey: a key file is invalid or does not match its certificate.
 	ErrBadKey = errors.New("security: bad key")
+	// ErrUnknownSession: a session envelope names a session this receiver
+	// does not hold (it restarted, or never accepted it).
+	ErrUnknownSession = errors.New("security: unknown session")
+	// ErrSessionExpired: a session envelope names a session that has
+	// ended.
+	ErrSessionExpired = errors.New("security: session expired")
+	// ErrBadMAC: a session envelope's MAC does not verify (forged, altered,
+	// or made with another session's key).
+	ErrBadMAC = errors.New("security: bad session MAC")
+	// ErrBadOffer: a session offer is malformed, over, too long, or its key
+	// cannot be opened.
+	ErrBadOffer = errors.New("security: bad session offer")
+	// ErrSessionStoreFull: no room for a new session (failing closed: the
+	// initiator goes on signing).
+	ErrSessionStoreFull = errors.New("security: session store full")
 )
 
 // Reasons: the short machine-readable strings carried by *Error, one per
@@ -86,28 +101,38 @@ const (
 	ReasonNoSealKey       = "no_seal_key"
 	ReasonBadPolicy       = "bad_policy"
 	ReasonBadKey          = "bad_key"
+	ReasonUnknownSession  = "unknown_session"
+	ReasonSessionExpired  = "session_expired"
+	ReasonBadMAC          = "bad_mac"
+	ReasonBadOffer        = "bad_session_offer"
+	ReasonSessionFull     = "session_store_full"
 )
 
 var reasons = map[error]string{
-	ErrMalformed:       ReasonMalformed,
-	ErrUnsigned:        ReasonUnsigned,
-	ErrUnsupported:     ReasonUnsupported,
-	ErrBadCert:         ReasonBadCert,
-	ErrUnknownSigner:   ReasonUnknownSigner,
-	ErrExpired:         ReasonExpired,
-	ErrNotYetValid:     ReasonNotYetValid,
-	ErrRevoked:         ReasonRevoked,
-	ErrWrongRole:       ReasonWrongRole,
-	ErrNameMismatch:    ReasonNameMismatch,
-	ErrBadSignature:    ReasonBadSignature,
-	ErrOutsideWindow:   ReasonOutsideWindow,
-	ErrReplay:          ReasonReplay,
-	ErrReplayCacheFull: ReasonReplayCacheFull,
-	ErrNotAuthorized:   ReasonNotAuthorized,
-	ErrCannotOpen:      ReasonCannotOpen,
-	ErrNoSealKey:       ReasonNoSealKey,
-	ErrBadPolicy:       ReasonBadPolicy,
-	ErrBadKey:          ReasonBadKey,
+	ErrMalformed:        ReasonMalformed,
+	ErrUnsigned:         ReasonUnsigned,
+	ErrUnsupported:      ReasonUnsupported,
+	ErrBadCert:          ReasonBadCert,
+	ErrUnknownSigner:    ReasonUnknownSigner,
+	ErrExpired:          ReasonExpired,
+	ErrNotYetValid:      ReasonNotYetValid,
+	ErrRevoked:          ReasonRevoked,
+	ErrWrongRole:        ReasonWrongRole,
+	ErrNameMismatch:     ReasonNameMismatch,
+	ErrBadSignature:     ReasonBadSignature,
+	ErrOutsideWindow:    ReasonOutsideWindow,
+	ErrReplay:           ReasonReplay,
+	ErrReplayCacheFull:  ReasonReplayCacheFull,
+	ErrNotAuthorized:    ReasonNotAuthorized,
+	ErrCannotOpen:       ReasonCannotOpen,
+	ErrNoSealKey:        ReasonNoSealKey,
+	ErrBadPolicy:        ReasonBadPolicy,
+	ErrBadKey:           ReasonBadKey,
+	ErrUnknownSession:   ReasonUnknownSession,
+	ErrSessionExpired:   ReasonSessionExpired,
+	ErrBadMAC:           ReasonBadMAC,
+	ErrBadOffer:         ReasonBadOffer,
+	ErrSessionStoreFull: ReasonSessionFull,
 }
 
 // Error is the error returned for every rejection. It wraps one sentinel
@@ -137,7 +162,10 @@ func newError(sentinel error, signer string, cause error, format string, args ..
 }
 
 func (e *Error) Error() string {
-	s := e.sentinel.Error()
+	s := "security: " + e.Reason // an *Error made as a literal, outside this package
+	if e.sentinel != nil {
+		s = e.sentinel.Error()
+	}
 	if e.Signer != "" {
 		s += fmt.Sprintf(" (signer %q)", e.Signer)
 	}
@@ -152,10 +180,13 @@ func (e *Error) Error() string {
 
 // Unwrap returns the sentinel and, if any, the underlying cause.
 func (e *Error) Unwrap() []error {
-	if e.cause == nil {
-		return []error{e.sentinel}
+	var errs []error
+	for _, err := range []error{e.sentinel, e.cause} {
+		if err != nil {
+			errs = append(errs, err)
+		}
 	}
-	return []error{e.sentinel, e.cause}
+	return errs
 }
 
 // Reason returns the machine reason of err: the Reason of the first *Error in

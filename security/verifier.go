@@ -102,11 +102,12 @@ type Verifier struct {
 	byHash map[[32]byte]*certEntry
 	byName map[string]*certEntry
 
-	verified   atomic.Uint64
-	rejected   map[string]*atomic.Uint64 // by reason; the map is never written after NewVerifier
-	certHits   atomic.Uint64
-	certMisses atomic.Uint64
-	lastWarn   atomic.Int64
+	verified        atomic.Uint64
+	sessionVerified atomic.Uint64
+	rejected        map[string]*atomic.Uint64 // by reason; the map is never written after NewVerifier
+	certHits        atomic.Uint64
+	certMisses      atomic.Uint64
+	lastWarn        atomic.Int64
 }
 
 // certEntry is a certificate whose chain verified.
@@ -374,6 +375,7 @@ func (v *Verifier) count(err error) {
 // VerifierStats are a Verifier's counters since it was made.
 type VerifierStats struct {
 	Verified         uint64            // envelopes accepted
+	SessionVerified  uint64            // session envelopes accepted
 	Rejected         map[string]uint64 // rejections (envelopes and VerifyCert) by reason, zero counts omitted
 	CertCacheHits    uint64
 	CertCacheMisses  uint64 // full X.509 verifications
@@ -385,6 +387,7 @@ type VerifierStats struct {
 func (v *Verifier) Stats() VerifierStats {
 	s := VerifierStats{
 		Verified:        v.verified.Load(),
+		SessionVerified: v.sessionVerified.Load(),
 		Rejected:        make(map[string]uint64),
 		CertCacheHits:   v.certHits.Load(),
 		CertCacheMisses: v.certMisses.Load(),
@@ -402,6 +405,6 @@ func (v *Verifier) Stats() VerifierStats {
 }
 
 func (s VerifierStats) String() string {
-	return fmt.Sprintf("verified=%d rejected=%v cert_cache=%d hits=%d misses=%d replay_entries=%d",
-		s.Verified, s.Rejected, s.CertCacheEntries, s.CertCacheHits, s.CertCacheMisses, s.ReplayEntries)
+	return fmt.Sprintf("verified=%d session_verified=%d rejected=%v cert_cache=%d hits=%d misses=%d replay_entries=%d",
+		s.Verified, s.SessionVerified, s.Rejected, s.CertCacheEntries, s.CertCacheHits, s.CertCacheMisses, s.ReplayEntries)
 }

@@ -32,7 +32,7 @@ func newBenchCmd() *cobra.Command {
 	)
 	cmd := &cobra.Command{
 		Use:   "bench",
-		Short: "Measure nanite requests (plain, signed, sealed) against a raw AMQP request/reply baseline",
+		Short: "Measure nanite requests (plain, signed, sealed, session) against a raw AMQP request/reply baseline",
 		Long: `Measure, in one run on one broker, at several numbers of outstanding requests
 (N goroutines each making sequential requests) and payload sizes, these modes
 (--modes):
@@ -46,17 +46,20 @@ func newBenchCmd() *cobra.Command {
           checking a one-rule allow policy (identities of one CA)
   sealed  secure mode with sealed payloads (request sealed to the agent, result
           to the mapper)
+  session secure mode with session keys: the first request signed with an
+          HPKE-sealed session key, then requests and results authenticated
+          with HMAC-SHA256 under it (docs/security.md, "Session keys")
 
-"signed" and "sealed" are measured once per KEM of --kem (the KEM of the
-identities' sealing keys: "hybrid", ML-KEM-768+X25519, the default of
+"signed", "sealed" and "session" are measured once per KEM of --kem (the KEM
+of the identities' sealing keys: "hybrid", ML-KEM-768+X25519, the default of
 "nanite pki issue", or "x25519"); "signed:x25519" or "sealed:hybrid" name one.
 
 The modes run interleaved in each cell (raw, plain, signed, ..., signed,
 plain, raw) so that drift hits all alike. The table shows p50, p99, req/s
 and CPU per request of each mode, its ratios to raw and to plain, and whether
 the targets are met (plain: throughput >= 0.8x raw at 64 outstanding, p50 <=
-1.25x raw at 1 outstanding; signed: throughput >= 0.6x plain at 64
-outstanding). These are measurements, not assertions: the exit status is 0
+1.25x raw at 1 outstanding; signed and session: throughput >= 0.6x plain at
+64 outstanding). These are measurements, not assertions: the exit status is 0
 whether targets are met or not. --cpuprofile labels every goroutine with its
 mode: go tool pprof -tagfocus=mode=signed:hybrid PROFILE.
 
@@ -66,7 +69,8 @@ rabbitmq-server package) and stopped at the end.`,
   nanite bench --amqp amqp://guest:guest@localhost:5672/ --duration 5s
   nanite bench --requests 20000 --outstanding 64 --payload 100 --json
   nanite bench --modes raw,plain --kem hybrid
-  nanite bench --modes plain,signed:hybrid --cpuprofile bench.pprof`,
+  nanite bench --modes plain,signed:hybrid --cpuprofile bench.pprof
+  nanite bench --modes raw,plain,signed,session --kem x25519`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
@@ -176,7 +180,7 @@ rabbitmq-server package) and stopped at the end.`,
 	f.IntSliceVar(&payloads, "payload", benchmark.DefaultPayloads, "payload sizes in bytes")
 	f.IntVar(&cfg.Prefetch, "prefetch", 0, "prefetch of the raw echo consumer and of the agent (default nanite.DefaultPrefetch)")
 	f.BoolVar(&cfg.RawSpawn, "raw-spawn", false, "raw echo server handles each message in its own goroutine, as the agent does (default: in its delivery loop)")
-	f.StringSliceVar(&cfg.Modes, "modes", benchmark.DefaultModes, "modes to measure: raw, plain, signed, sealed, signed:KEM, sealed:KEM")
+	f.StringSliceVar(&cfg.Modes, "modes", benchmark.DefaultModes, "modes to measure: raw, plain, signed, sealed, session, signed:KEM, sealed:KEM, session:KEM")
 	f.StringSliceVar(&cfg.KEMs, "kem", benchmark.DefaultKEMs, `KEMs of the secure modes' sealing keys, each measured in turn: "hybrid" (ML-KEM-768+X25519) and/or "x25519"`)
 	f.StringVar(&only, "only", "", "run one mode only: raw or nanite (plain)")
 	_ = f.MarkDeprecated("only", "use --modes raw or --modes plain")

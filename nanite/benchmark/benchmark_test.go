@@ -71,6 +71,14 @@ func TestJudge(t *testing.T) {
 	if sealed.Target != "" || sealed.Pass != nil || sealed.RPSVsPlain != 300.0/850 {
 		t.Errorf("sealed has no target but its ratios: %+v", sealed)
 	}
+	sc := Cell{Outstanding: 64, Results: []Result{res("plain", 1000, 100, 50), res("session:x25519", 700, 130, 60)}}
+	sc.judge()
+	if s := sc.Results[1]; s.Target != "req/s>=0.60x plain" || s.Pass == nil || !*s.Pass {
+		t.Errorf("session at 64, 0.7x plain: %+v", s)
+	}
+	if fs := figures([]Cell{sc}); len(fs) != 1 || fs[0].Mode != "session:x25519" {
+		t.Errorf("session figures: %+v", fs)
+	}
 	c.Results[1].BrokerCPUus, c.Results[2].BrokerCPUus = 50, 100
 	fs := figures([]Cell{c})
 	if fs[0].CPUBound != 150.0/350 || fs[1].CPUBound != 0 {
@@ -120,6 +128,7 @@ func TestParseModes(t *testing.T) {
 		{[]string{"plain", "signed"}, []string{"x25519"}, "plain,signed:x25519"},
 		{[]string{"sealed", "sealed:hybrid", "raw"}, []string{"hybrid"}, "sealed:hybrid,raw"},
 		{[]string{"signed:x-wing", " plain "}, nil, "signed:hybrid,plain"},
+		{[]string{"raw", "plain", "signed", "session"}, []string{"x25519"}, "raw,plain,signed:x25519,session:x25519"},
 	} {
 		ms, err := ParseModes(c.modes, c.kems)
 		if err != nil || names(ms) != c.want {
@@ -135,6 +144,9 @@ func TestParseModes(t *testing.T) {
 	}
 	if m := ms[2]; m.Secure || m.Seal || m.Base() != "plain" {
 		t.Errorf("plain = %+v", m)
+	}
+	if ms, _ := ParseModes([]string{"session:hybrid"}, nil); len(ms) != 1 || !ms[0].Secure || ms[0].Seal || !ms[0].Sessions || ms[0].Base() != "session" {
+		t.Errorf("session:hybrid = %+v", ms)
 	}
 	for _, c := range []struct{ modes, kems []string }{
 		{[]string{"fast"}, nil}, {[]string{"plain:x25519"}, nil}, {[]string{"sealed:rsa"}, nil},
@@ -193,7 +205,7 @@ func TestRun(t *testing.T) {
 	defer cancel()
 	var progress []string
 	rep, err := Run(ctx, Config{URL: url, Requests: 40, Warmup: -1, Outstanding: []int{1, 4},
-		Payloads: []int{100}, Modes: []string{"raw", "plain", "signed", "sealed:x25519"}, KEMs: []string{"hybrid"},
+		Payloads: []int{100}, Modes: []string{"raw", "plain", "signed", "sealed:x25519", "session:x25519"}, KEMs: []string{"hybrid"},
 		Progress: func(s string) { progress = append(progress, s) }})
 	if err != nil {
 		t.Fatal(err)
@@ -201,11 +213,11 @@ func TestRun(t *testing.T) {
 	if len(rep.Cells) != 2 || len(progress) != 2 {
 		t.Fatalf("%d cells, %d progress lines", len(rep.Cells), len(progress))
 	}
-	if want := []string{"raw", "plain", "signed:hybrid", "sealed:x25519"}; !slices.Equal(rep.Modes, want) {
+	if want := []string{"raw", "plain", "signed:hybrid", "sealed:x25519", "session:x25519"}; !slices.Equal(rep.Modes, want) {
 		t.Errorf("modes %v, want %v", rep.Modes, want)
 	}
 	for _, c := range rep.Cells {
-		if len(c.Results) != 4 {
+		if len(c.Results) != 5 {
 			t.Fatalf("cell %d/%d: %d results", c.Payload, c.Outstanding, len(c.Results))
 		}
 		for _, m := range c.Results {
@@ -224,12 +236,17 @@ func TestRun(t *testing.T) {
 		t.Errorf("plain in the 1-outstanding cell is not judged: %+v", p)
 	}
 	// Secure mode refused nothing of its own traffic.
-	for _, mode := range []string{"signed:hybrid", "sealed:x25519"} {
+	for _, mode := range []string{"signed:hybrid", "sealed:x25519", "session:x25519"} {
 		for k, v := range rep.Counters[mode] {
 			if strings.HasPrefix(k, "agent.") {
 				t.Errorf("%s: %s=%d", mode, k, v)
 			}
 		}
+	}
+	// Session mode used its session: set up once, no fallback.
+	if c := rep.Counters["session:x25519"]; c["mapper.sessions_established"] != 1 || c["mapper.session_fallbacks"] != 0 ||
+		c["mapper.session_requests_sent"] == 0 {
+		t.Errorf("session counters %v", c)
 	}
 	var table, js bytes.Buffer
 	if err := rep.WriteTable(&table); err != nil {

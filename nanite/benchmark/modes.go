@@ -21,6 +21,11 @@ const (
 	// ModeSealed is secure mode with sealed payloads (Secure.Seal):
 	// requests sealed to the agent, results sealed back to the mapper.
 	ModeSealed = "sealed"
+	// ModeSession is secure mode with session keys (Secure.Sessions):
+	// the first request signed with a session offer (the key sealed to
+	// the agent), then every request and result authenticated with an
+	// HMAC under the session key; payloads in the clear, policy checked.
+	ModeSession = "session"
 )
 
 // DefaultModes and DefaultKEMs are what a run measures by default: the raw
@@ -33,17 +38,19 @@ var (
 
 // Mode is one way of making the echo request.
 type Mode struct {
-	// Name is "raw", "plain", or "signed" or "sealed" followed by ":" and
-	// the KEM of the identities' sealing keys ("sealed:x25519").
+	// Name is "raw", "plain", or "signed", "sealed" or "session"
+	// followed by ":" and the KEM of the identities' sealing keys
+	// ("sealed:x25519").
 	Name string
-	// Secure and Seal configure nanite.Secure; KEM is the sealing KEM of
-	// the identities (it also sets the size of the certificate that every
-	// envelope carries).
-	Secure, Seal bool
-	KEM          security.KEM
+	// Secure, Seal and Sessions configure nanite.Secure; KEM is the
+	// sealing KEM of the identities (it also sets the size of the
+	// certificate that every envelope carries).
+	Secure, Seal, Sessions bool
+	KEM                    security.KEM
 }
 
-// Base is the mode's name without its KEM: raw, plain, signed or sealed.
+// Base is the mode's name without its KEM: raw, plain, signed, sealed or
+// session.
 func (m Mode) Base() string {
 	base, _, _ := strings.Cut(m.Name, ":")
 	return base
@@ -61,9 +68,10 @@ func KEMName(k security.KEM) string {
 }
 
 // ParseModes expands mode names into modes. "raw" and "plain" stand for
-// themselves; "signed" and "sealed" are measured once per KEM of kems (in
-// that order), and "signed:KEM" or "sealed:KEM" name one KEM
-// ("hybrid" or "x25519", see security.ParseKEM). Duplicates are dropped.
+// themselves; "signed", "sealed" and "session" are measured once per KEM of
+// kems (in that order), and "signed:KEM", "sealed:KEM" or "session:KEM"
+// name one KEM ("hybrid" or "x25519", see security.ParseKEM). Duplicates
+// are dropped.
 func ParseModes(names, kems []string) ([]Mode, error) {
 	if len(names) == 0 {
 		names = DefaultModes
@@ -96,9 +104,9 @@ func ParseModes(names, kems []string) ([]Mode, error) {
 			}
 			add(Mode{Name: base})
 			continue
-		case ModeSigned, ModeSealed:
+		case ModeSigned, ModeSealed, ModeSession:
 		default:
-			return nil, fmt.Errorf("benchmark: unknown mode %q (want raw, plain, signed, sealed, signed:KEM or sealed:KEM)", name)
+			return nil, fmt.Errorf("benchmark: unknown mode %q (want raw, plain, signed, sealed, session, or one of the last three with :KEM)", name)
 		}
 		these := ks
 		if hasKEM {
@@ -109,7 +117,7 @@ func ParseModes(names, kems []string) ([]Mode, error) {
 			these = []security.KEM{k}
 		}
 		for _, k := range these {
-			add(Mode{Name: base + ":" + KEMName(k), Secure: true, Seal: base == ModeSealed, KEM: k})
+			add(Mode{Name: base + ":" + KEMName(k), Secure: true, Seal: base == ModeSealed, Sessions: base == ModeSession, KEM: k})
 		}
 	}
 	return modes, nil

@@ -57,7 +57,7 @@ func (c *secureCA) secure(name string, role security.Role, m Mode, policy nanite
 	if err != nil {
 		return nil, err
 	}
-	return &nanite.Secure{Identity: id, Verifier: v, Policy: policy, Seal: m.Seal}, nil
+	return &nanite.Secure{Identity: id, Verifier: v, Policy: policy, Seal: m.Seal, Sessions: m.Sessions}, nil
 }
 
 // naniteSide is an embedded mapper sending to one agent that echoes.
@@ -176,7 +176,8 @@ func (n *naniteSide) counters() map[string]int64 {
 			}
 			switch {
 			case strings.HasPrefix(k, "rejected_"), k == "bad_packets", k == "unauthorized", k == "failed",
-				k == "timeouts", k == "retries", k == "duplicates", k == "expired", k == "agent_lost", k == "not_delivered":
+				k == "timeouts", k == "retries", k == "duplicates", k == "expired", k == "agent_lost", k == "not_delivered",
+				who == "mapper" && (k == "sessions_established" || k == "session_fallbacks" || k == "signed_requests_sent" || k == "session_requests_sent"):
 				out[who+"."+k] = v
 			}
 		}

@@ -42,7 +42,7 @@ func (r *Report) WriteTable(w io.Writer) error {
 	fmt.Fprintf(&b, "  each cell: %s per mode in %d rounds, order %s; after %gs warmup per mode; "+
 		"N outstanding = N goroutines each making sequential requests\n", per, r.Rounds, r.Order, r.WarmupSec)
 	fmt.Fprintf(&b, "  targets: plain req/s >= %.2fx raw at %d outstanding; plain p50 <= %.2fx raw at %d outstanding; "+
-		"signed req/s >= %.2fx plain at %d outstanding\n",
+		"signed and session req/s >= %.2fx plain at %d outstanding\n",
 		r.Targets.ThroughputRatio, r.Targets.ThroughputOutstanding, r.Targets.P50Ratio, r.Targets.P50Outstanding,
 		r.Targets.SignedRatio, r.Targets.ThroughputOutstanding)
 	fmt.Fprintf(&b, "  cpu/req: CPU time per request of this process (requesters, echo server or agent, mapper); "+
