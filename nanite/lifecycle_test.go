@@ -221,10 +221,11 @@ func TestOfflineFailsafe(t *testing.T) {
 	if _, err := m.Request(t.Context(), "/late/run", nil); !errors.Is(err, ErrNoAgent) {
 		t.Fatalf("without failsafe: %v", err)
 	}
-	// With it, but nobody comes: a timeout that says where it waited.
+	// With it, but nobody comes: a timeout that says where it waited. The
+	// requester's own deadline and the failsafe daemon's answer (a timeout
+	// from the daemon, sent at the same deadline) race; both say so.
 	_, err := m.Request(t.Context(), "/late/run", nil, OfflineFailsafe(), WithTimeout(700*time.Millisecond))
-	var te *TimeoutError
-	if !errors.As(err, &te) || te.Detail == "" {
+	if !errors.Is(err, ErrTimeout) || !strings.Contains(err.Error(), "no agent offering it appeared") {
 		t.Fatalf("failsafe expiry: %v", err)
 	}
 	// With it, and an agent comes later: the held request is delivered.
