@@ -195,9 +195,19 @@ func (p *Packet) deadlineTime() time.Time {
 	return time.UnixMilli(p.Deadline)
 }
 
+// unixMilli is a deadline on the wire: Unix milliseconds, rounded up, so
+// that whoever reads it (a relaying mapper daemon, an agent) never gives up
+// before the requester itself does. Rounded down, a mapper daemon holding a
+// failsafe request could answer "timeout" up to a millisecond before the
+// requester's own deadline, and that answer would overtake the requester's
+// own, clearer timeout.
 func unixMilli(t time.Time) int64 {
 	if t.IsZero() {
 		return 0
 	}
-	return t.UnixMilli()
+	ms := t.UnixMilli()
+	if time.UnixMilli(ms).Before(t) {
+		ms++
+	}
+	return ms
 }
