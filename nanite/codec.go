@@ -400,9 +400,12 @@ func fastValid(b []byte) bool {
 // ---------------------------------------------------------------------------
 // Decoding
 
-// unmarshalPacket is json.Unmarshal(b, p) for a zero p.
-func unmarshalPacket(b []byte, p *Packet) error {
-	d := decoder{b: b}
+// unmarshalPacket is json.Unmarshal(b, p) for a zero p. With alias, the
+// raw members (payload, origin, the payloads of results) are slices of b
+// instead of copies (capped, so that appending to one copies it); only for
+// a b that nobody changes afterwards.
+func unmarshalPacket(b []byte, p *Packet, alias bool) error {
+	d := decoder{b: b, alias: alias}
 	if d.packet(p) {
 		return nil
 	}
@@ -418,6 +421,7 @@ type decoder struct {
 	i       int // read offset
 	depth   int // nesting of arrays and objects at i
 	tooDeep bool
+	alias   bool // raw values are slices of b, not copies
 }
 
 // Bits of Packet members seen, to detect duplicate keys.
@@ -738,11 +742,15 @@ func (d *decoder) float(v **float64) bool {
 }
 
 // raw copies any value as json.RawMessage.UnmarshalJSON does (null
-// included).
+// included), or with d.alias takes it as a slice of the input.
 func (d *decoder) raw(v *json.RawMessage) bool {
 	start := d.i
 	if !d.skipValue() {
 		return false
+	}
+	if d.alias {
+		*v = json.RawMessage(d.b[start:d.i:d.i])
+		return true
 	}
 	*v = append(json.RawMessage(nil), d.b[start:d.i]...)
 	return true

@@ -754,3 +754,31 @@ func BenchmarkCodecHeartbeat(b *testing.B) {
 		}
 	})
 }
+
+// Packets decoded from a delivery's body (which nobody changes afterwards)
+// refer to it instead of copying their payloads; capped, so that appending
+// to a payload does not write into the body.
+func TestDecodeOwnedAliases(t *testing.T) {
+	b, err := (&Packet{Kind: KindResult, Token: "t", Payload: json.RawMessage(`{"a":[1,2]}`),
+		Results: []ResultRecord{{Agent: "x", Payload: json.RawMessage(`"r"`)}}}).Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, alias := range []bool{false, true} {
+		in := append([]byte(nil), b...)
+		p, err := decodePacket(in, 0, alias)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(p.Payload) != `{"a":[1,2]}` || string(p.Results[0].Payload) != `"r"` {
+			t.Fatalf("payloads %s %s", p.Payload, p.Results[0].Payload)
+		}
+		if alias && cap(p.Payload) != len(p.Payload) {
+			t.Fatalf("alias %v: cap %d len %d: appending would write into the body", alias, cap(p.Payload), len(p.Payload))
+		}
+		shared := &p.Payload[0] == &in[bytes.Index(in, p.Payload)]
+		if shared != alias {
+			t.Fatalf("alias %v: payload shares the body: %v", alias, shared)
+		}
+	}
+}
