@@ -130,11 +130,11 @@ func NormalizeService(s string) (string, error) {
 	if !strings.HasPrefix(s, "/") {
 		return "", fmt.Errorf("nanite: service %q must start with /", s)
 	}
-	parts := strings.Split(s[1:], "/")
+	actor, method, two := strings.Cut(s[1:], "/")
 	switch {
-	case len(parts) == 1 && parts[0] != "":
+	case !two && actor != "":
 		return s + "/index", nil
-	case len(parts) == 2 && parts[0] != "" && parts[1] != "":
+	case two && actor != "" && method != "" && !strings.Contains(method, "/"):
 		return s, nil
 	}
 	return "", fmt.Errorf("nanite: service %q is not of the form /actor/method", s)

@@ -656,7 +656,7 @@ func (a *Agent) sendReply(p *Packet, body []byte) {
 	if dl := p.deadlineTime(); !dl.IsZero() {
 		until = dl.Add(5 * time.Second)
 	}
-	if err := a.link.publishBy(until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
+	if err := a.link.publishBy(context.Background(), until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
 		a.log.Warn("could not send result", "token", p.Token, "err", err)
 	}
 }

@@ -552,9 +552,6 @@ func (l *link) publish(ctx context.Context, m message) error {
 		pub.DeliveryMode = amqp.Persistent
 	}
 	for {
-		if err := l.waitReady(ctx); err != nil {
-			return err
-		}
 		l.mu.Lock()
 		ch := l.pub
 		if m.Persistent {
@@ -562,6 +559,9 @@ func (l *link) publish(ctx context.Context, m message) error {
 		}
 		l.mu.Unlock()
 		if ch == nil {
+			if err := l.waitReady(ctx); err != nil {
+				return err
+			}
 			continue
 		}
 		var err error
@@ -599,11 +599,12 @@ func (l *link) publish(ctx context.Context, m message) error {
 	}
 }
 
-// publishBy publishes m, waiting for a connection until deadline at most (a
-// zero deadline waits up to fallback). It builds a context only when it has
-// to wait, which keeps the hot path free of timers.
-func (l *link) publishBy(deadline time.Time, fallback time.Duration, m message) error {
-	if l.connected() && !m.Persistent { // a confirm wait needs a deadline
+// publishBy publishes m, waiting for a connection while ctx allows and
+// until deadline at most (a zero deadline waits up to fallback). It builds a
+// context only when it has to wait, which keeps the hot path free of
+// timers.
+func (l *link) publishBy(ctx context.Context, deadline time.Time, fallback time.Duration, m message) error {
+	if l.connected() && !m.Persistent && ctx.Err() == nil { // a confirm wait needs a deadline
 		err := l.publish(context.Background(), m)
 		if err == nil || !errors.Is(err, amqp.ErrClosed) {
 			return err
@@ -612,7 +613,7 @@ func (l *link) publishBy(deadline time.Time, fallback time.Duration, m message) 
 	if deadline.IsZero() {
 		deadline = time.Now().Add(fallback)
 	}
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	return l.publish(ctx, m)
 }

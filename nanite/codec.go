@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"math"
 	"math/bits"
+	"slices"
 	"strconv"
 	"unicode"
 	"unicode/utf16"
@@ -48,7 +49,16 @@ const maxDepth = 1000
 // the current protocol version and p.Payload, if not empty, as its last
 // member, spliced in unchanged.
 func marshalPacket(p *Packet) ([]byte, error) {
-	if b, ok := appendPacket(make([]byte, 0, packetSizeHint(p)), p); ok {
+	return appendMarshalPacket(nil, p)
+}
+
+// appendMarshalPacket is marshalPacket appending to buf (growing it when
+// it is too small).
+func appendMarshalPacket(buf []byte, p *Packet) ([]byte, error) {
+	if n := packetSizeHint(p); cap(buf)-len(buf) < n {
+		buf = slices.Grow(buf, n)
+	}
+	if b, ok := appendPacket(buf, p); ok {
 		return b, nil
 	}
 	return marshalPacketJSON(p)

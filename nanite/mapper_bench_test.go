@@ -66,12 +66,13 @@ func benchHeartbeatBody(tb testing.TB, i int, status float64) []byte {
 func BenchmarkMapperSelect(b *testing.B) {
 	m := benchMapper(b, benchFleetSize)
 	ctx := context.Background()
+	deadline := time.Now().Add(time.Hour)
 	for _, sel := range benchSelectors {
 		b.Run(sel.name, func(b *testing.B) {
 			o := sel.opts
 			for b.Loop() {
 				m.mu.Lock()
-				targets, err := m.pickLocked(ctx, benchService, &o, false)
+				targets, err := m.pickLocked(ctx, deadline, nil, benchService, &o, false)
 				if err != nil {
 					m.mu.Unlock()
 					b.Fatal(err)
@@ -207,12 +208,13 @@ func TestMapperFleetFigures(t *testing.T) {
 	t.Logf("memory: %.0f bytes per agent", mem.Extra["B/agent"])
 	m := benchMapper(t, benchFleetSize)
 	ctx := context.Background()
+	deadline := time.Now().Add(time.Hour)
 	for _, s := range benchSelectors {
 		o := s.opts
 		r := testing.Benchmark(func(b *testing.B) {
 			for b.Loop() {
 				m.mu.Lock()
-				targets, err := m.pickLocked(ctx, benchService, &o, false)
+				targets, err := m.pickLocked(ctx, deadline, nil, benchService, &o, false)
 				if err != nil {
 					m.mu.Unlock()
 					b.Fatal(err)
