@@ -33,6 +33,7 @@ type Request struct {
 	Agent *Agent
 
 	intermediate func(ctx context.Context, key string, v any) error
+	run          *agentRun // the agent's run, which sends intermediate results
 }
 
 // Decode unmarshals the payload into v. An empty payload leaves v unchanged.
@@ -50,10 +51,13 @@ func (r *Request) Decode(v any) error {
 // before the final one (Nanite's IntermediateMessage). It is a no-op for a
 // push, which has nobody to answer.
 func (r *Request) Intermediate(ctx context.Context, key string, v any) error {
-	if r.intermediate == nil {
-		return nil
+	switch {
+	case r.run != nil:
+		return r.run.intermediate(ctx, key, v)
+	case r.intermediate != nil:
+		return r.intermediate(ctx, key, v)
 	}
-	return r.intermediate(ctx, key, v)
+	return nil
 }
 
 // Method is one exposed method of an actor.

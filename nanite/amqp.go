@@ -84,9 +84,15 @@ type queueSpec struct {
 // consumerSpec is a consumer that the link (re)starts after every connect.
 type consumerSpec struct {
 	Queue    string
-	Prefetch int  // 0: no limit
-	AutoAck  bool // the broker forgets the message on delivery
-	Handle   func(*delivery)
+	Prefetch int            // 0: no limit
+	AutoAck  bool           // the broker forgets the message on delivery
+	Handle   func(delivery) // by value: a delivery that stays in the loop is not allocated
+	// Handoff, when > 0, lets Handle run a delivery to its end in the
+	// delivery loop even when that takes long: once Handle has run for
+	// Handoff, a new delivery loop takes over the consumer, so that the
+	// next deliveries do not wait for it. Handle runs inline, without a
+	// goroutine of its own, which is what makes short handlers cheap.
+	Handoff time.Duration
 }
 
 // topology declares exchanges, queues and bindings on a fresh connection.
@@ -426,8 +432,26 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 
 func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery) {
 	defer l.handlers.Done()
+	// With a handoff, one loop at a time receives from ds: when Handle
+	// outlasts c.Handoff, the timer starts another loop, and this one ends
+	// after its Handle returns. At most one loop waits on ds, so the number
+	// of goroutines in Handle stays bounded by the deliveries in flight
+	// (the prefetch).
+	var handoff *time.Timer
+	var handedOff chan struct{}
+	if c.Handoff > 0 {
+		handedOff = make(chan struct{})
+		handoff = time.AfterFunc(time.Hour, func() {
+			// This loop is still running (it waits for handedOff before
+			// it ends), so the Add cannot race the WaitGroup's Wait.
+			l.handlers.Add(1)
+			go l.deliver(ch, c, ds)
+			close(handedOff)
+		})
+		handoff.Stop()
+	}
 	for d := range ds {
-		dv := &delivery{
+		dv := delivery{
 			Body:          d.Body,
 			CorrelationID: d.CorrelationId,
 			ReplyTo:       d.ReplyTo,
@@ -444,7 +468,17 @@ func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery
 		if !c.AutoAck {
 			dv.ch, dv.tag = ch, d.DeliveryTag
 		}
+		if handoff == nil {
+			c.Handle(dv)
+			continue
+		}
+		handoff.Reset(c.Handoff)
 		c.Handle(dv)
+		if !handoff.Stop() {
+			// Another loop has taken over the consumer.
+			<-handedOff
+			return
+		}
 	}
 }
 

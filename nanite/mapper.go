@@ -395,7 +395,7 @@ func (m *Mapper) failAll(err error) {
 }
 
 // handleState processes registration-fanout and heartbeat-fanout packets.
-func (m *Mapper) handleState(d *delivery) {
+func (m *Mapper) handleState(d delivery) {
 	in, err := m.cfg.Secure.open(d.Body, m.cfg.MaxPayload, security.RoleAgent)
 	p := in.pkt
 	if err != nil {
@@ -861,7 +861,7 @@ func (m *Mapper) finishCall(mc *mcall) {
 
 // handleReply processes results, intermediate results and dead-lettered
 // requests arriving on the mapper's reply queue.
-func (m *Mapper) handleReply(d *delivery) {
+func (m *Mapper) handleReply(d delivery) {
 	var p *Packet
 	if d.DeadLettered {
 		var err error

@@ -26,7 +26,7 @@ func benchMapper(tb testing.TB, n int) *Mapper {
 		tb.Fatal(err)
 	}
 	for i := range n {
-		m.handleState(&delivery{Body: benchRegisterBody(tb, i)})
+		m.handleState(delivery{Body: benchRegisterBody(tb, i)})
 	}
 	if got := len(m.reg.agents); got != n {
 		tb.Fatalf("registered %d agents, want %d", got, n)
@@ -107,7 +107,7 @@ func BenchmarkMapperHeartbeat(b *testing.B) {
 	adv := m.stats.advertises.Load()
 	i := 0
 	for b.Loop() {
-		m.handleState(&delivery{Body: bodies[i%len(bodies)]})
+		m.handleState(delivery{Body: bodies[i%len(bodies)]})
 		i++
 	}
 	if m.stats.advertises.Load() != adv || m.stats.badPackets.Load() != 0 {
@@ -153,7 +153,7 @@ func BenchmarkMapperRegister(b *testing.B) {
 	}
 	i := 0
 	for b.Loop() {
-		m.handleState(&delivery{Body: bodies[i%benchFleetSize]})
+		m.handleState(delivery{Body: bodies[i%benchFleetSize]})
 		i++
 	}
 }
@@ -174,7 +174,7 @@ func BenchmarkMapperMemory(b *testing.B) {
 		}
 		before := heapInUse()
 		for i := range bodies {
-			m.handleState(&delivery{Body: bodies[i]})
+			m.handleState(delivery{Body: bodies[i]})
 		}
 		after := heapInUse()
 		if len(m.reg.agents) != benchFleetSize {
