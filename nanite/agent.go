@@ -190,10 +190,10 @@ func (a *Agent) AddActor(actor *Actor) {
 	}
 }
 
-// inlineBudget is how long a handler may run in the agent queue's delivery
+// inlineBudget is how long a delivery may keep the agent queue's delivery
 // loop before the loop hands the consumer to a new goroutine (see
-// consumerSpec.Handoff). A method whose last run took longer runs its next
-// requests in goroutines of their own.
+// consumerSpec.Handoff). A method whose handler last took longer runs its
+// next requests in goroutines of their own.
 const inlineBudget = time.Millisecond
 
 // agentMethod is a method as one agent serves it.
@@ -559,8 +559,6 @@ func (r *agentRun) intermediate(ctx context.Context, key string, v any) error {
 func (a *Agent) run(r *agentRun, svc string, m *agentMethod, deadline time.Time) {
 	defer a.handlers.Done()
 	defer a.inflight.Add(-1)
-	start := time.Now()
-	defer func() { m.slow.Store(time.Since(start) > inlineBudget) }()
 	d, p, sealTo := &r.d, r.p, r.sealTo
 	r.ctx.init(a.handlerCtx, deadline)
 	defer r.ctx.release()
@@ -569,7 +567,12 @@ func (a *Agent) run(r *agentRun, svc string, m *agentMethod, deadline time.Time)
 	if p.Kind == KindRequest {
 		r.req.run = r
 	}
+	// Only the handler's own time counts: publishing the answer can wait
+	// for the broker, or for the CPU on a busy machine, however quick the
+	// handler is.
+	start := time.Now()
 	res, herr := a.call(&r.ctx, m.Method, &r.req)
+	m.slow.Store(time.Since(start) > inlineBudget)
 	var payload json.RawMessage
 	var ebody *ErrorBody
 	switch {

@@ -432,54 +432,69 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 
 func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery) {
 	defer l.handlers.Done()
-	// With a handoff, one loop at a time receives from ds: when Handle
-	// outlasts c.Handoff, the timer starts another loop, and this one ends
-	// after its Handle returns. At most one loop waits on ds, so the number
-	// of goroutines in Handle stays bounded by the deliveries in flight
-	// (the prefetch).
+	// With a handoff, one loop at a time receives from ds. Each loop has a
+	// standby goroutine, started by the loop itself so that it inherits its
+	// pprof labels; when a Handle outlasts c.Handoff, a timer wakes the
+	// standby, which becomes the next loop, and this one ends after its
+	// Handle returns. At most one loop waits on ds, so the number of
+	// goroutines in Handle stays bounded by the deliveries in flight (the
+	// prefetch).
 	var handoff *time.Timer
-	var handedOff chan struct{}
 	if c.Handoff > 0 {
-		handedOff = make(chan struct{})
-		handoff = time.AfterFunc(time.Hour, func() {
-			// This loop is still running (it waits for handedOff before
-			// it ends), so the Add cannot race the WaitGroup's Wait.
-			l.handlers.Add(1)
-			go l.deliver(ch, c, ds)
-			close(handedOff)
-		})
+		takeover, idle := make(chan struct{}), make(chan struct{})
+		l.handlers.Add(1) // this loop is counted, so the Add cannot race Wait
+		go func() {
+			select {
+			case <-takeover:
+				l.handlers.Add(1)
+				l.deliver(ch, c, ds)
+			case <-idle:
+			}
+			l.handlers.Done()
+		}()
+		handoff = time.AfterFunc(time.Hour, func() { close(takeover) })
 		handoff.Stop()
-	}
-	for d := range ds {
-		dv := delivery{
-			Body:          d.Body,
-			CorrelationID: d.CorrelationId,
-			ReplyTo:       d.ReplyTo,
-			Type:          d.Type,
-			Headers:       d.Headers,
-			Redelivered:   d.Redelivered,
-		}
-		if deaths, ok := d.Headers["x-death"].([]any); ok && len(deaths) > 0 {
-			dv.DeadLettered = true
-			if t, ok := deaths[0].(amqp.Table); ok {
-				dv.DeathReason, _ = t["reason"].(string)
+		handedOff := false
+		defer func() {
+			if !handedOff {
+				close(idle)
+			}
+		}()
+		for d := range ds {
+			handoff.Reset(c.Handoff)
+			c.Handle(l.delivery(ch, c, d))
+			if !handoff.Stop() {
+				handedOff = true // the standby has taken over
+				return
 			}
 		}
-		if !c.AutoAck {
-			dv.ch, dv.tag = ch, d.DeliveryTag
-		}
-		if handoff == nil {
-			c.Handle(dv)
-			continue
-		}
-		handoff.Reset(c.Handoff)
-		c.Handle(dv)
-		if !handoff.Stop() {
-			// Another loop has taken over the consumer.
-			<-handedOff
-			return
+		return
+	}
+	for d := range ds {
+		c.Handle(l.delivery(ch, c, d))
+	}
+}
+
+// delivery converts an amqp091 delivery.
+func (l *link) delivery(ch *amqp.Channel, c consumerSpec, d amqp.Delivery) delivery {
+	dv := delivery{
+		Body:          d.Body,
+		CorrelationID: d.CorrelationId,
+		ReplyTo:       d.ReplyTo,
+		Type:          d.Type,
+		Headers:       d.Headers,
+		Redelivered:   d.Redelivered,
+	}
+	if deaths, ok := d.Headers["x-death"].([]any); ok && len(deaths) > 0 {
+		dv.DeadLettered = true
+		if t, ok := deaths[0].(amqp.Table); ok {
+			dv.DeathReason, _ = t["reason"].(string)
 		}
 	}
+	if !c.AutoAck {
+		dv.ch, dv.tag = ch, d.DeliveryTag
+	}
+	return dv
 }
 
 func (l *link) markDown() {
