@@ -1037,12 +1037,21 @@ func (d *decoder) scanString() (raw []byte, plain, ok bool) {
 	start := d.i + 1
 	plain = true
 	for i := start; i < len(b); {
-		for i+8 <= len(b) {
+		for n := 0; i+8 <= len(b); n++ {
 			if m := stringStopMask(binary.LittleEndian.Uint64(b[i:])); m != 0 {
 				i += bits.TrailingZeros64(m) / 8
 				break
 			}
 			i += 8
+			if n == 16 && plain {
+				// A long string, such as a payload: find its end with
+				// the vectorised bytes.IndexByte, then check that the
+				// bytes before it need no closer look.
+				if q := bytes.IndexByte(b[i:], '"'); q >= 0 && plainRun(b[i:i+q]) {
+					d.i = i + q + 1
+					return b[start : i+q], true, true
+				}
+			}
 		}
 		for i < len(b) && !stringStop[b[i]] {
 			i++
@@ -1078,6 +1087,31 @@ func (d *decoder) scanString() (raw []byte, plain, ok bool) {
 		}
 	}
 	return nil, false, false
+}
+
+// plainRun reports whether b has no byte that stringStop flags other than
+// '"' (none of b is one): no control character, backslash or non-ASCII
+// byte. It looks at 32 bytes at a time.
+func plainRun(b []byte) bool {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	stop := func(x uint64) uint64 {
+		backslash := x ^ (ones * '\\')
+		return ((x - ones*' ') &^ x) | ((backslash - ones) &^ backslash) | x
+	}
+	i := 0
+	for ; i+32 <= len(b); i += 32 {
+		m := stop(binary.LittleEndian.Uint64(b[i:])) | stop(binary.LittleEndian.Uint64(b[i+8:])) |
+			stop(binary.LittleEndian.Uint64(b[i+16:])) | stop(binary.LittleEndian.Uint64(b[i+24:]))
+		if m&highs != 0 {
+			return false
+		}
+	}
+	for ; i < len(b); i++ {
+		if stringStop[b[i]] {
+			return false
+		}
+	}
+	return true
 }
 
 // stringStopMask has the high bit set in the first byte of x (eight bytes
