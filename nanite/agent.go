@@ -290,7 +290,7 @@ func (a *Agent) newAgentLink() *link {
 			return declareReplyQueue(t, a.id)
 		},
 		Consumers: []consumerSpec{
-			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery, Handoff: inlineBudget},
+			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery, Handoff: inlineBudget, BatchAcks: true},
 			{Queue: ReplyQueue(a.id), AutoAck: true, Handle: a.handleReply},
 		},
 		OnConnect: func() { go a.register(a.linkCtx) },

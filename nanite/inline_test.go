@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
+	"slices"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -72,9 +74,18 @@ func TestHandlersRunConcurrentlyUpToPrefetch(t *testing.T) {
 }
 
 func TestSlowHandlerDoesNotHoldUpOthers(t *testing.T) {
+	// With a prefetch of 2, the quick requests behind the slow one go
+	// through only if their deliveries are acknowledged while the slow
+	// one still runs.
+	for _, prefetch := range []int{DefaultPrefetch, 2} {
+		t.Run(fmt.Sprint("prefetch=", prefetch), func(t *testing.T) { testSlowHandler(t, prefetch) })
+	}
+}
+
+func testSlowHandler(t *testing.T, prefetch int) {
 	c := newCluster(t)
 	id := new(string)
-	a, _ := c.agent(AgentConfig{}, testActor(id, nil))
+	a, _ := c.agent(AgentConfig{Prefetch: prefetch}, testActor(id, nil))
 	*id = a.Identity()
 	m, _ := c.mapper(MapperConfig{})
 	waitAgents(t, m, "/echo/slow", 1)
@@ -88,7 +99,7 @@ func TestSlowHandlerDoesNotHoldUpOthers(t *testing.T) {
 			slow <- err
 		}()
 		time.Sleep(100 * time.Millisecond) // the slow one runs now
-		for i := range 5 {
+		for i := range 10 {
 			t0 := time.Now()
 			if _, err := m.Request(t.Context(), "/echo/say", fmt.Sprint(i), WithTimeout(10*time.Second)); err != nil {
 				t.Fatal(err)
@@ -204,4 +215,79 @@ func TestRequestContext(t *testing.T) {
 	default:
 		t.Fatal("Done open after release")
 	}
+}
+
+// The acker sends one multiple acknowledgement for deliveries handled in a
+// row in the loop, never one that covers a delivery still being handled,
+// and acknowledges at once what a handler outside the loop acks.
+func TestAcker(t *testing.T) {
+	type sent struct {
+		tag      uint64
+		multiple bool
+	}
+	var got []sent
+	a := newAcker(func(tag uint64, multiple bool) error {
+		got = append(got, sent{tag, multiple})
+		return nil
+	}, slog.New(slog.DiscardHandler), 8) // a batch of 4
+	expect := func(want ...sent) {
+		t.Helper()
+		if !slices.Equal(got, want) {
+			t.Fatalf("sent %v, want %v", got, want)
+		}
+		got = nil
+	}
+	inLoop := func(tag uint64) {
+		a.received(tag)
+		if err := a.ack(tag); err != nil {
+			t.Fatal(err)
+		}
+		a.handled(tag)
+	}
+	// Three quick ones in a row: nothing yet; the loop flushes when idle.
+	inLoop(1)
+	inLoop(2)
+	inLoop(3)
+	expect()
+	a.flush()
+	expect(sent{3, true})
+	// A batch of four goes out without waiting for idle.
+	for tag := uint64(4); tag <= 7; tag++ {
+		inLoop(tag)
+	}
+	expect(sent{7, true})
+	// 8 runs long (handed to a goroutine: the loop's Handle returned);
+	// 9 and 10 are handled meanwhile: acknowledged one by one.
+	a.received(8)
+	a.handled(8)
+	inLoop(9)
+	inLoop(10)
+	a.flush()
+	expect(sent{9, false}, sent{10, false})
+	// 8 finishes outside the loop: sent at once; then 11 can be multiple.
+	if err := a.ack(8); err != nil {
+		t.Fatal(err)
+	}
+	expect(sent{8, false})
+	inLoop(11)
+	inLoop(12)
+	a.flush()
+	expect(sent{12, true})
+	// A nacked one in the middle does not stop a multiple after it.
+	a.received(13)
+	a.settle(13) // nacked
+	a.handled(13)
+	inLoop(14)
+	a.flush()
+	expect(sent{14, false})
+	inLoop(15)
+	inLoop(16)
+	a.flush()
+	expect(sent{16, true})
+	// A second Ack of the same delivery sends nothing.
+	if err := a.ack(16); err != nil {
+		t.Fatal(err)
+	}
+	a.flush()
+	expect()
 }
