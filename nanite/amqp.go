@@ -14,6 +14,7 @@ import (
 	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -343,6 +344,7 @@ type link struct {
 	stopCons  bool
 
 	handlers sync.WaitGroup // delivery loops
+	lastExp  atomic.Pointer[expirationString]
 
 	failed  chan struct{} // closed when run gave up for good
 	failErr error         // why; guarded by mu
@@ -748,11 +750,7 @@ func (l *link) publish(ctx context.Context, m message) error {
 		Body:          m.Body,
 	}
 	if m.Expiration > 0 {
-		ms := m.Expiration.Milliseconds()
-		if ms < 1 {
-			ms = 1
-		}
-		pub.Expiration = strconv.FormatInt(ms, 10)
+		pub.Expiration = l.expiration(m.Expiration)
 	}
 	if m.Persistent {
 		pub.DeliveryMode = amqp.Persistent
@@ -803,6 +801,24 @@ func (l *link) publish(ctx context.Context, m message) error {
 		case <-time.After(10 * time.Millisecond):
 		}
 	}
+}
+
+// expiration is the AMQP expiration property for ttl: milliseconds, at
+// least 1, in decimal. Requests sent within the same millisecond with the
+// same timeout share one string (the last one made is kept).
+func (l *link) expiration(ttl time.Duration) string {
+	ms := max(ttl.Milliseconds(), 1)
+	if last := l.lastExp.Load(); last != nil && last.ms == ms {
+		return last.s
+	}
+	e := &expirationString{ms: ms, s: strconv.FormatInt(ms, 10)}
+	l.lastExp.Store(e)
+	return e.s
+}
+
+type expirationString struct {
+	ms int64
+	s  string
 }
 
 // publishBy publishes m, waiting for a connection while ctx allows and

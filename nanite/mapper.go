@@ -368,7 +368,7 @@ func (m *Mapper) agentGone(mc *mcall, id, code, msg string) {
 		m.log.Info("retrying idempotent request on another agent", "token", mc.token, "service", mc.service, "lost", id, "agent", e.Identity)
 		pkt := *mc.pkt
 		pkt.Attempt = mc.attempts
-		if err := m.send(context.Background(), mc.deadline, &pkt, e.Identity); err != nil {
+		if err := m.send(context.Background(), mc.deadline, &pkt, e.Identity, e.Queue); err != nil {
 			m.agentGone(mc, e.Identity, CodeNotDelivered, err.Error())
 		}
 		return
@@ -636,10 +636,10 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 		}
 		return nil, err
 	}
-	var idBuf [1]string
-	ids := idBuf[:0]
+	var idBuf, queueBuf [1]string
+	ids, queues := idBuf[:0], queueBuf[:0]
 	for _, e := range targets {
-		ids = append(ids, e.Identity)
+		ids, queues = append(ids, e.Identity), append(queues, e.Queue)
 	}
 	if mc != nil {
 		mc.setup(pkt, svc, o, len(ids))
@@ -660,8 +660,8 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 		defer m.finishCall(mc)
 	}
 
-	for _, id := range ids {
-		if err := m.send(ctx, deadline, pkt, id); err != nil {
+	for i, id := range ids {
+		if err := m.send(ctx, deadline, pkt, id, queues[i]); err != nil {
 			if mc == nil {
 				return nil, err
 			}
@@ -739,7 +739,7 @@ func (m *Mapper) pickLocked(ctx context.Context, deadline time.Time, dst []*agen
 // send publishes a request or push packet to one agent's queue, waiting
 // for the broker (while disconnected, or for a persistent request's
 // confirm) until deadline at most.
-func (m *Mapper) send(ctx context.Context, deadline time.Time, pkt *Packet, agent string) error {
+func (m *Mapper) send(ctx context.Context, deadline time.Time, pkt *Packet, agent, queue string) error {
 	if sec := m.cfg.Secure; sec != nil {
 		// Signed for this agent only; sealed to it when asked.
 		cp := *pkt
@@ -775,7 +775,7 @@ func (m *Mapper) send(ctx context.Context, deadline time.Time, pkt *Packet, agen
 	if err != nil {
 		return err
 	}
-	msg := message{Key: AgentQueue(agent), Body: body, CorrelationID: pkt.Token, ReplyTo: pkt.ReplyTo,
+	msg := message{Key: queue, Body: body, CorrelationID: pkt.Token, ReplyTo: pkt.ReplyTo,
 		Type: string(pkt.Kind), Persistent: pkt.Persistent, Mandatory: true,
 		Expiration: time.Until(deadline)}
 	if pkt.ReplyTo != "" {
@@ -905,6 +905,13 @@ func (m *Mapper) handleReply(d delivery) {
 	}
 	m.mu.Lock()
 	mc := m.out[p.Token]
+	if mc != nil && !d.DeadLettered && p.Kind == KindResult && len(p.Results) == 0 &&
+		(p.Error == nil || p.Error.Code != CodeShutdown) && mc.sentTo.has(p.From) {
+		// The agent's answer: it no longer holds the request (under the
+		// same lock as the lookup, the common case).
+		mc.sentTo.del(p.From)
+		m.reg.addPending(p.From, -1)
+	}
 	m.mu.Unlock()
 	if mc == nil {
 		return // late answer to a finished request
@@ -940,12 +947,6 @@ func (m *Mapper) handleReply(d delivery) {
 			mc.completeAll(rs)
 			return
 		}
-		m.mu.Lock()
-		if mc.sentTo.has(p.From) {
-			mc.sentTo.del(p.From)
-			m.reg.addPending(p.From, -1)
-		}
-		m.mu.Unlock()
 		mc.complete(Result{Agent: p.From, Payload: p.Payload, Err: remoteErr(p.From, p.Error)})
 	}
 }

@@ -216,7 +216,9 @@ func (r *registry) addPending(id string, delta int) {
 
 func (r *registry) fix(e *agentEntry) {
 	for _, m := range e.member {
-		heap.Fix(&m.set.heap, m.heap)
+		if len(m.set.heap.items) > 1 { // a heap of one is in order
+			heap.Fix(&m.set.heap, m.heap)
+		}
 	}
 }
 
