@@ -35,6 +35,7 @@ type agentEntry struct {
 	tags   map[string]struct{}
 	idem   map[string]bool
 	member map[string]*membership // by service
+	heaps  []*membership          // the same, for fix to walk without a map iteration
 }
 
 type membership struct {
@@ -146,6 +147,7 @@ func (r *registry) upsert(s AgentState, now time.Time) bool {
 		}
 		m := &membership{list: len(set.list), set: set}
 		e.member[svc.Name] = m
+		e.heaps = append(e.heaps, m)
 		set.list = append(set.list, e)
 		heap.Push(&set.heap, e)
 	}
@@ -215,7 +217,7 @@ func (r *registry) addPending(id string, delta int) {
 }
 
 func (r *registry) fix(e *agentEntry) {
-	for _, m := range e.member {
+	for _, m := range e.heaps {
 		if len(m.set.heap.items) > 1 { // a heap of one is in order
 			heap.Fix(&m.set.heap, m.heap)
 		}
