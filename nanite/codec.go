@@ -1090,24 +1090,27 @@ func (d *decoder) scanString() (raw []byte, plain, ok bool) {
 }
 
 // plainRun reports whether b has no byte that stringStop flags other than
-// '"' (none of b is one): no control character, backslash or non-ASCII
-// byte. It looks at 32 bytes at a time.
+// '"' (none of b is one): no backslash (found with the vectorised
+// bytes.IndexByte), no control character and no non-ASCII byte (32 bytes
+// at a time).
 func plainRun(b []byte) bool {
-	const ones, highs = 0x0101010101010101, 0x8080808080808080
-	stop := func(x uint64) uint64 {
-		backslash := x ^ (ones * '\\')
-		return ((x - ones*' ') &^ x) | ((backslash - ones) &^ backslash) | x
+	if bytes.IndexByte(b, '\\') >= 0 {
+		return false
 	}
-	i := 0
-	for ; i+32 <= len(b); i += 32 {
-		m := stop(binary.LittleEndian.Uint64(b[i:])) | stop(binary.LittleEndian.Uint64(b[i+8:])) |
-			stop(binary.LittleEndian.Uint64(b[i+16:])) | stop(binary.LittleEndian.Uint64(b[i+24:]))
-		if m&highs != 0 {
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	for len(b) >= 32 {
+		// A byte below ' ' borrows into its high bit, one of 0x80 and up
+		// has it set; borrows only flag bytes after a flagged one.
+		w := b[:32:32]
+		x0, x1 := binary.LittleEndian.Uint64(w[0:8]), binary.LittleEndian.Uint64(w[8:16])
+		x2, x3 := binary.LittleEndian.Uint64(w[16:24]), binary.LittleEndian.Uint64(w[24:32])
+		if ((x0-ones*' ')|x0|(x1-ones*' ')|x1|(x2-ones*' ')|x2|(x3-ones*' ')|x3)&highs != 0 {
 			return false
 		}
+		b = b[32:]
 	}
-	for ; i < len(b); i++ {
-		if stringStop[b[i]] {
+	for _, c := range b {
+		if stringStop[c] {
 			return false
 		}
 	}
