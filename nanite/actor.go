@@ -48,6 +48,7 @@ type Request struct {
 	Agent *Agent
 
 	intermediate func(ctx context.Context, key string, v any) error
+	run          *agentRun // the agent's run, which sends intermediate results
 }
 
 // Decode unmarshals the payload into v. An empty payload leaves v unchanged.
@@ -65,10 +66,13 @@ func (r *Request) Decode(v any) error {
 // before the final one (Nanite's IntermediateMessage). It is a no-op for a
 // push, which has nobody to answer.
 func (r *Request) Intermediate(ctx context.Context, key string, v any) error {
-	if r.intermediate == nil {
-		return nil
+	switch {
+	case r.run != nil:
+		return r.run.intermediate(ctx, key, v)
+	case r.intermediate != nil:
+		return r.intermediate(ctx, key, v)
 	}
-	return r.intermediate(ctx, key, v)
+	return nil
 }
 
 // Method is one exposed method of an actor.
@@ -145,11 +149,11 @@ func NormalizeService(s string) (string, error) {
 	if !strings.HasPrefix(s, "/") {
 		return "", fmt.Errorf("nanite: service %q must start with /", s)
 	}
-	parts := strings.Split(s[1:], "/")
+	actor, method, two := strings.Cut(s[1:], "/")
 	switch {
-	case len(parts) == 1 && parts[0] != "":
+	case !two && actor != "":
 		return s + "/index", nil
-	case len(parts) == 2 && parts[0] != "" && parts[1] != "":
+	case two && actor != "" && method != "" && !strings.Contains(method, "/"):
 		return s, nil
 	}
 	return "", fmt.Errorf("nanite: service %q is not of the form /actor/method", s)

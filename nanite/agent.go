@@ -1,7 +1,6 @@
 package nanite
 
 import (
-	"container/list"
 	"context"
 	"crypto/tls"
 	"encoding/json"
@@ -85,7 +84,7 @@ type Agent struct {
 	log *slog.Logger
 	// methods are the services by name; replaced whole by SetActors
 	// (copy on write), so readers take the map without a lock.
-	methods atomic.Pointer[map[string]*Method]
+	methods atomic.Pointer[map[string]*agentMethod]
 	// reregister asks Run to register again (SetActors).
 	reregister chan struct{}
 	registerMu sync.Mutex
@@ -169,7 +168,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		dedupe:     newDedupe(cfg.DedupeSize),
 		reregister: make(chan struct{}, 1),
 	}
-	a.methods.Store(&map[string]*Method{})
+	a.methods.Store(&map[string]*agentMethod{})
 	a.AddActor(a.builtinActor())
 	a.link = a.newAgentLink()
 	return a, nil
@@ -192,13 +191,13 @@ func (a *Agent) AddActor(actor *Actor) {
 	addMethods(*a.methods.Load(), actor)
 }
 
-func addMethods(methods map[string]*Method, actor *Actor) {
+func addMethods(methods map[string]*agentMethod, actor *Actor) {
 	for name, m := range actor.methods {
 		svc := "/" + actor.name + "/" + name
 		if _, dup := methods[svc]; dup {
 			panic("nanite: service " + svc + " registered twice")
 		}
-		methods[svc] = m
+		methods[svc] = &agentMethod{Method: m}
 	}
 }
 
@@ -208,7 +207,7 @@ func addMethods(methods map[string]*Method, actor *Actor) {
 // that is gone is answered unknown_service. It panics when a service is
 // given twice. (A bridge's proxy agent follows the remote services so.)
 func (a *Agent) SetActors(actors ...*Actor) {
-	m := map[string]*Method{}
+	m := map[string]*agentMethod{}
 	for name, meth := range *a.methods.Load() {
 		if strings.HasPrefix(name, "/"+BuiltinActor+"/") {
 			m[name] = meth
@@ -222,6 +221,19 @@ func (a *Agent) SetActors(actors ...*Actor) {
 	case a.reregister <- struct{}{}:
 	default:
 	}
+}
+
+// inlineBudget is how long a delivery may keep the agent queue's delivery
+// loop before the loop hands the consumer to a new goroutine (see
+// consumerSpec.Handoff). A method whose handler last took longer runs its
+// next requests in goroutines of their own.
+const inlineBudget = time.Millisecond
+
+// agentMethod is a method as one agent serves it.
+type agentMethod struct {
+	*Method
+	// slow is set when the method's last run outlasted inlineBudget.
+	slow atomic.Bool
 }
 
 // Services lists the services the agent offers, sorted.
@@ -318,7 +330,7 @@ func (a *Agent) newAgentLink() *link {
 			return declareReplyQueue(t, a.id)
 		},
 		Consumers: []consumerSpec{
-			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery},
+			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery, Handoff: inlineBudget, BatchAcks: true},
 			{Queue: ReplyQueue(a.id), AutoAck: true, Handle: a.handleReply},
 		},
 		OnConnect: func() { go a.register(a.linkCtx) },
@@ -412,12 +424,18 @@ func (a *Agent) heartbeat(ctx context.Context) {
 	a.publishState(ctx, KindHeartbeat, ExchangeHeartbeat)
 }
 
-// handleDelivery runs for every message on the agent's queue. It must not
-// block for long: handlers run in their own goroutines (bounded by the
-// prefetch).
-func (a *Agent) handleDelivery(d *delivery) {
+// handleDelivery runs for every message on the agent's queue, in the
+// consumer's delivery loop. It runs the handler there too, unless the
+// method was slow last time (then in a goroutine of its own); a handler that
+// turns out slow makes the loop hand the consumer over after inlineBudget.
+// Either way at most Prefetch handlers run at once.
+func (a *Agent) handleDelivery(dv delivery) {
+	// The run of a request holds the delivery and the packet: one
+	// allocation for the three.
+	r := &agentRun{a: a, d: dv}
+	d := &r.d
 	sec := a.cfg.Secure
-	in, err := sec.openRequest(d.Body, a.cfg.MaxPayload, security.RoleMapper, security.RoleClient, security.RoleBridge)
+	in, err := sec.openRequestInto(&r.pkt, d.Body, a.cfg.MaxPayload, security.RoleMapper, security.RoleClient, security.RoleBridge)
 	p := in.pkt
 	if err != nil && sec != nil && !errors.Is(err, errBadPacket) && !errors.Is(err, ErrTooLarge) {
 		// Refused by secure mode: counted, logged, and the requester told
@@ -504,7 +522,7 @@ func (a *Agent) handleDelivery(d *delivery) {
 	}
 
 	svc, err := NormalizeService(p.Type)
-	var m *Method
+	var m *agentMethod
 	if err == nil {
 		m = (*a.methods.Load())[svc]
 	}
@@ -551,15 +569,32 @@ func (a *Agent) handleDelivery(d *delivery) {
 		a.dedupe.begin(p.Token, p.ReplyTo)
 	}
 	a.inflight.Add(1)
-	var from origin
+	r.p, r.sealTo = p, sealTo
 	if sec != nil {
-		from.caller = in.caller
-		from.envelope = p.Origin
-		if len(from.envelope) == 0 {
-			from.envelope = d.Body
+		r.from.caller = in.caller
+		r.from.envelope = p.Origin
+		if len(r.from.envelope) == 0 {
+			r.from.envelope = d.Body
 		}
 	}
-	go a.run(d, p, sealTo, svc, m, deadline, from)
+	if m.slow.Load() {
+		go a.run(r, svc, m, deadline)
+		return
+	}
+	a.run(r, svc, m, deadline)
+}
+
+// agentRun is one request as the agent runs it: the handler's Request and
+// context and what answering needs, in one allocation.
+type agentRun struct {
+	req    Request
+	ctx    reqContext
+	a      *Agent
+	d      delivery
+	pkt    Packet  // decoded here
+	p      *Packet // &pkt
+	sealTo security.SealKey
+	from   origin
 }
 
 // origin is who asked, in secure mode: the signer of the request (of its
@@ -569,48 +604,52 @@ type origin struct {
 	envelope []byte
 }
 
-func (a *Agent) run(d *delivery, p *Packet, sealTo security.SealKey, svc string, m *Method, deadline time.Time, from origin) {
+// intermediate sends an intermediate result of the run (Request.Intermediate).
+func (r *agentRun) intermediate(ctx context.Context, key string, v any) error {
+	a, p := r.a, r.p
+	b, err := json.Marshal(v)
+	if err != nil {
+		return fmt.Errorf("nanite: encode intermediate result: %w", err)
+	}
+	ip := &Packet{Kind: KindIntermediate, Token: p.Token, From: a.id, Key: key, Payload: b}
+	if !r.sealTo.IsZero() {
+		if ip.Sealed, err = sealPayload(r.sealTo, b, p.Token, "intermediate", a.id, key); err != nil {
+			return err
+		}
+		ip.Payload = nil
+	}
+	body, err := ip.Encode()
+	if err == nil {
+		body, err = a.cfg.Secure.wrapReply(p, body)
+	}
+	if err != nil {
+		return err
+	}
+	a.stats.intermediates.Add(1)
+	return a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindIntermediate)})
+}
+
+func (a *Agent) run(r *agentRun, svc string, m *agentMethod, deadline time.Time) {
 	defer a.handlers.Done()
 	defer a.inflight.Add(-1)
-	ctx := a.handlerCtx
-	var cancel context.CancelFunc
-	if !deadline.IsZero() {
-		ctx, cancel = context.WithDeadline(ctx, deadline)
-	} else {
-		ctx, cancel = context.WithCancel(ctx)
-	}
-	defer cancel()
-	req := &Request{Service: svc, Payload: p.Payload, From: p.From, Token: p.Token,
+	d, p, sealTo := &r.d, r.p, r.sealTo
+	r.ctx.init(a.handlerCtx, deadline)
+	defer r.ctx.release()
+	r.req = Request{Service: svc, Payload: p.Payload, From: p.From, Token: p.Token,
 		Deadline: deadline, Tags: p.Tags, Attempt: p.Attempt, Hops: p.Hops,
-		Selector: p.Selector, Target: p.Target, Origin: from.envelope, Persistent: p.Persistent, Agent: a}
-	if from.caller != nil {
-		req.Caller = from.caller.Name
+		Selector: p.Selector, Target: p.Target, Origin: r.from.envelope, Persistent: p.Persistent, Agent: a}
+	if r.from.caller != nil {
+		r.req.Caller = r.from.caller.Name
 	}
 	if p.Kind == KindRequest {
-		req.intermediate = func(ctx context.Context, key string, v any) error {
-			b, err := json.Marshal(v)
-			if err != nil {
-				return fmt.Errorf("nanite: encode intermediate result: %w", err)
-			}
-			ip := &Packet{Kind: KindIntermediate, Token: p.Token, From: a.id, Key: key, Payload: b}
-			if !sealTo.IsZero() {
-				if ip.Sealed, err = sealPayload(sealTo, b, p.Token, "intermediate", a.id, key); err != nil {
-					return err
-				}
-				ip.Payload = nil
-			}
-			body, err := ip.Encode()
-			if err == nil {
-				body, err = a.cfg.Secure.wrapReply(p, body)
-			}
-			if err != nil {
-				return err
-			}
-			a.stats.intermediates.Add(1)
-			return a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindIntermediate)})
-		}
+		r.req.run = r
 	}
-	res, herr := a.call(ctx, m, req)
+	// Only the handler's own time counts: publishing the answer can wait
+	// for the broker, or for the CPU on a busy machine, however quick the
+	// handler is.
+	start := time.Now()
+	res, herr := a.call(&r.ctx, m.Method, &r.req)
+	m.slow.Store(time.Since(start) > inlineBudget)
 	var payload json.RawMessage
 	var ebody *ErrorBody
 	if mr, ok := res.(MultiResult); ok && herr == nil {
@@ -778,13 +817,13 @@ func (a *Agent) sendReply(p *Packet, body []byte) {
 	if dl := p.deadlineTime(); !dl.IsZero() {
 		until = dl.Add(5 * time.Second)
 	}
-	if err := a.link.publishBy(until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
+	if err := a.link.publishBy(context.Background(), until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
 		a.log.Warn("could not send result", "token", p.Token, "err", err)
 	}
 }
 
 // handleReply receives answers to requests the agent made itself.
-func (a *Agent) handleReply(d *delivery) {
+func (a *Agent) handleReply(d delivery) {
 	var p *Packet
 	if d.DeadLettered {
 		var err error
@@ -810,12 +849,15 @@ func (a *Agent) handleReply(d *delivery) {
 	a.calls.handleReply(p)
 }
 
-// dedupe remembers recently handled request tokens and their answers.
+// dedupe remembers recently handled request tokens and their answers: the
+// last max tokens, in a ring that reuses its slots (no allocation per
+// request once it is full).
 type dedupe struct {
-	mu    sync.Mutex
-	max   int
-	m     map[string]*list.Element
-	order *list.List
+	mu   sync.Mutex
+	max  int
+	m    map[string]int // token -> index in ring
+	ring []dedupeEntry  // grows to max, then the oldest slot is reused
+	next int            // the oldest slot once the ring is full
 }
 
 type dedupeEntry struct {
@@ -835,7 +877,7 @@ const (
 )
 
 func newDedupe(max int) *dedupe {
-	return &dedupe{max: max, m: map[string]*list.Element{}, order: list.New()}
+	return &dedupe{max: max, m: map[string]int{}}
 }
 
 // check looks a token up. For a copy that arrives while the first one runs,
@@ -846,11 +888,11 @@ func (c *dedupe) check(token, replyTo string) ([]byte, dedupeState) {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	e, ok := c.m[token]
+	i, ok := c.m[token]
 	if !ok {
 		return nil, dedupeNew
 	}
-	en := e.Value.(*dedupeEntry)
+	en := &c.ring[i]
 	if en.done {
 		return en.body, dedupeDone
 	}
@@ -863,27 +905,32 @@ func (c *dedupe) check(token, replyTo string) ([]byte, dedupeState) {
 func (c *dedupe) begin(token, replyTo string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if _, ok := c.m[token]; ok {
-		return
+	c.beginLocked(token, replyTo)
+}
+
+func (c *dedupe) beginLocked(token, replyTo string) int {
+	if i, ok := c.m[token]; ok {
+		return i
 	}
-	c.m[token] = c.order.PushBack(&dedupeEntry{token: token, replyTo: replyTo})
-	for c.order.Len() > c.max {
-		old := c.order.Front()
-		c.order.Remove(old)
-		delete(c.m, old.Value.(*dedupeEntry).token)
+	var i int
+	if len(c.ring) < c.max {
+		i = len(c.ring)
+		c.ring = append(c.ring, dedupeEntry{})
+	} else {
+		i = c.next
+		c.next = (c.next + 1) % c.max
+		delete(c.m, c.ring[i].token)
 	}
+	c.ring[i] = dedupeEntry{token: token, replyTo: replyTo}
+	c.m[token] = i
+	return i
 }
 
 // done records the answer and returns the reply queues still waiting for it.
 func (c *dedupe) done(token string, body []byte) []string {
-	c.begin(token, "")
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	e, ok := c.m[token]
-	if !ok {
-		return nil
-	}
-	en := e.Value.(*dedupeEntry)
+	en := &c.ring[c.beginLocked(token, "")]
 	en.done, en.body = true, body
 	w := en.waiters
 	en.waiters = nil

@@ -11,8 +11,10 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"slices"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	amqp "github.com/rabbitmq/amqp091-go"
@@ -43,14 +45,20 @@ type delivery struct {
 	DeadLettered  bool   // it came through the dead-letter exchange
 	DeathReason   string // "expired", "rejected", "maxlen" when DeadLettered
 
-	ch  *amqp.Channel // nil for auto-acknowledged deliveries
-	tag uint64
+	ch    *amqp.Channel // nil for auto-acknowledged deliveries
+	tag   uint64
+	acker *acker // when the consumer batches its acknowledgements
 }
 
-// Ack acknowledges the delivery (after it has been handled).
+// Ack acknowledges the delivery (after it has been handled). With a
+// batching consumer the acknowledgement may go out a little later, with
+// others (see acker); its error, if any, is then logged instead.
 func (d *delivery) Ack() error {
 	if d.ch == nil {
 		return nil
+	}
+	if d.acker != nil {
+		return d.acker.ack(d.tag)
 	}
 	return d.ch.Ack(d.tag, false)
 }
@@ -60,7 +68,117 @@ func (d *delivery) Nack(requeue bool) error {
 	if d.ch == nil {
 		return nil
 	}
+	if d.acker != nil {
+		d.acker.settle(d.tag)
+	}
 	return d.ch.Nack(d.tag, false, requeue)
+}
+
+// acker sends the acknowledgements of one consumer channel's deliveries,
+// several at once with one basic.ack (multiple) where it can. The delivery
+// loop tells it which deliveries its Handle is running; their Acks wait
+// until the loop is about to wait for the next delivery (or has batch of
+// them), so that a burst of quick requests costs one frame and one
+// syscall for many acknowledgements. Any other Ack (from a handler that
+// runs in a goroutine of its own) goes out at once, with whatever waits.
+// A multiple acknowledgement never covers a delivery still being handled:
+// deliveries handled behind one that is still open are acknowledged one
+// by one, so that a slow handler does not hold back the prefetch window.
+type acker struct {
+	send  func(tag uint64, multiple bool) error // basic.ack
+	log   *slog.Logger
+	batch int // send once this many wait
+
+	mu     sync.Mutex
+	open   []uint64 // received, neither acked nor nacked; ascending
+	inLoop []uint64 // their Handle runs in a delivery loop now
+	done   []uint64 // acked by the handler, not sent yet; ascending
+}
+
+func newAcker(send func(tag uint64, multiple bool) error, log *slog.Logger, prefetch int) *acker {
+	return &acker{send: send, log: log, batch: max(prefetch/2, 1)}
+}
+
+// received records a delivery the loop is about to Handle. Tags grow on a
+// channel, so open stays sorted.
+func (a *acker) received(tag uint64) {
+	a.mu.Lock()
+	a.open = append(a.open, tag)
+	a.inLoop = append(a.inLoop, tag)
+	a.mu.Unlock()
+}
+
+// handled records that the loop's Handle for tag returned; it sends the
+// waiting acknowledgements when there are enough of them.
+func (a *acker) handled(tag uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	a.inLoop = deleteTag(a.inLoop, tag)
+	if len(a.done) >= a.batch {
+		a.flushLocked()
+	}
+}
+
+func (a *acker) ack(tag uint64) error {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if !slices.Contains(a.open, tag) {
+		return nil // settled already
+	}
+	a.open = deleteTag(a.open, tag)
+	i, _ := slices.BinarySearch(a.done, tag)
+	a.done = slices.Insert(a.done, i, tag)
+	if slices.Contains(a.inLoop, tag) {
+		return nil // the loop sends it
+	}
+	return a.flushLocked()
+}
+
+// settle forgets a delivery that is nacked.
+func (a *acker) settle(tag uint64) {
+	a.mu.Lock()
+	a.open = deleteTag(a.open, tag)
+	a.mu.Unlock()
+}
+
+// flush sends the waiting acknowledgements.
+func (a *acker) flush() {
+	a.mu.Lock()
+	_ = a.flushLocked()
+	a.mu.Unlock()
+}
+
+func (a *acker) flushLocked() error {
+	if len(a.done) == 0 {
+		return nil
+	}
+	// Every delivery below the lowest open one is settled: one multiple
+	// acknowledgement covers the waiting ones there.
+	below := len(a.done)
+	if len(a.open) > 0 {
+		below, _ = slices.BinarySearch(a.done, a.open[0])
+	}
+	var err error
+	if below > 0 {
+		err = a.send(a.done[below-1], below > 1)
+	}
+	for _, tag := range a.done[below:] {
+		if e := a.send(tag, false); err == nil {
+			err = e
+		}
+	}
+	a.done = a.done[:0]
+	if err != nil {
+		a.log.Warn("ack failed; the broker will redeliver and duplicates will be answered from cache", "err", err)
+	}
+	return err
+}
+
+func deleteTag(tags []uint64, tag uint64) []uint64 {
+	if i := slices.Index(tags, tag); i >= 0 {
+		return slices.Delete(tags, i, i+1)
+	}
+	return tags
 }
 
 // returned is a mandatory message the broker could not route.
@@ -84,9 +202,18 @@ type queueSpec struct {
 // consumerSpec is a consumer that the link (re)starts after every connect.
 type consumerSpec struct {
 	Queue    string
-	Prefetch int  // 0: no limit
-	AutoAck  bool // the broker forgets the message on delivery
-	Handle   func(*delivery)
+	Prefetch int            // 0: no limit
+	AutoAck  bool           // the broker forgets the message on delivery
+	Handle   func(delivery) // by value: a delivery that stays in the loop is not allocated
+	// BatchAcks sends the acknowledgements of deliveries handled in the
+	// delivery loop several at a time (see acker). Only with manual acks.
+	BatchAcks bool
+	// Handoff, when > 0, lets Handle run a delivery to its end in the
+	// delivery loop even when that takes long: once Handle has run for
+	// Handoff, a new delivery loop takes over the consumer, so that the
+	// next deliveries do not wait for it. Handle runs inline, without a
+	// goroutine of its own, which is what makes short handlers cheap.
+	Handoff time.Duration
 }
 
 // topology declares exchanges, queues and bindings on a fresh connection.
@@ -217,6 +344,7 @@ type link struct {
 	stopCons  bool
 
 	handlers sync.WaitGroup // delivery loops
+	lastExp  atomic.Pointer[expirationString]
 
 	failed  chan struct{} // closed when run gave up for good
 	failErr error         // why; guarded by mu
@@ -409,8 +537,12 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 		watch(ch)
 		consChans = append(consChans, ch)
 		consTags = append(consTags, tag)
+		var ack *acker
+		if c.BatchAcks && !c.AutoAck {
+			ack = newAcker(ch.Ack, l.log, c.Prefetch)
+		}
 		l.handlers.Add(1)
-		go l.deliver(ch, c, ds)
+		go l.deliver(ch, c, ds, ack)
 	}
 
 	l.mu.Lock()
@@ -424,28 +556,104 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 	return conn, closed, nil
 }
 
-func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery) {
+func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery, ack *acker) {
 	defer l.handlers.Done()
-	for d := range ds {
-		dv := &delivery{
-			Body:          d.Body,
-			CorrelationID: d.CorrelationId,
-			ReplyTo:       d.ReplyTo,
-			Type:          d.Type,
-			Headers:       d.Headers,
-			Redelivered:   d.Redelivered,
-		}
-		if deaths, ok := d.Headers["x-death"].([]any); ok && len(deaths) > 0 {
-			dv.DeadLettered = true
-			if t, ok := deaths[0].(amqp.Table); ok {
-				dv.DeathReason, _ = t["reason"].(string)
+	// With a handoff, one loop at a time receives from ds. Each loop has a
+	// standby goroutine, started by the loop itself so that it inherits its
+	// pprof labels; when a Handle outlasts c.Handoff, a timer wakes the
+	// standby, which becomes the next loop, and this one ends after its
+	// Handle returns. At most one loop waits on ds, so the number of
+	// goroutines in Handle stays bounded by the deliveries in flight (the
+	// prefetch).
+	var handoff *time.Timer
+	if c.Handoff > 0 {
+		takeover, idle := make(chan struct{}), make(chan struct{})
+		l.handlers.Add(1) // this loop is counted, so the Add cannot race Wait
+		go func() {
+			select {
+			case <-takeover:
+				l.handlers.Add(1)
+				l.deliver(ch, c, ds, ack)
+			case <-idle:
 			}
+			l.handlers.Done()
+		}()
+		handoff = time.AfterFunc(time.Hour, func() { close(takeover) })
+		handoff.Stop()
+		defer func() {
+			if handoff != nil {
+				close(idle)
+			}
+		}()
+	}
+	for {
+		d, ok := l.next(ds, ack)
+		if !ok {
+			return
 		}
-		if !c.AutoAck {
-			dv.ch, dv.tag = ch, d.DeliveryTag
+		dv := l.delivery(ch, c, d)
+		if ack != nil {
+			dv.acker = ack
+			ack.received(d.DeliveryTag)
+		}
+		if handoff != nil {
+			handoff.Reset(c.Handoff)
 		}
 		c.Handle(dv)
+		if ack != nil {
+			ack.handled(d.DeliveryTag)
+		}
+		if handoff != nil && !handoff.Stop() {
+			// The standby has taken over.
+			handoff = nil
+			if ack != nil {
+				ack.flush()
+			}
+			return
+		}
 	}
+}
+
+// next receives the next delivery; before it waits for one, it sends the
+// acknowledgements that wait.
+func (l *link) next(ds <-chan amqp.Delivery, ack *acker) (amqp.Delivery, bool) {
+	if ack != nil {
+		select {
+		case d, ok := <-ds:
+			if ok {
+				return d, true
+			}
+		default:
+		}
+		ack.flush()
+	}
+	d, ok := <-ds
+	if !ok && ack != nil {
+		ack.flush() // the consumer was cancelled: the channel may still take them
+	}
+	return d, ok
+}
+
+// delivery converts an amqp091 delivery.
+func (l *link) delivery(ch *amqp.Channel, c consumerSpec, d amqp.Delivery) delivery {
+	dv := delivery{
+		Body:          d.Body,
+		CorrelationID: d.CorrelationId,
+		ReplyTo:       d.ReplyTo,
+		Type:          d.Type,
+		Headers:       d.Headers,
+		Redelivered:   d.Redelivered,
+	}
+	if deaths, ok := d.Headers["x-death"].([]any); ok && len(deaths) > 0 {
+		dv.DeadLettered = true
+		if t, ok := deaths[0].(amqp.Table); ok {
+			dv.DeathReason, _ = t["reason"].(string)
+		}
+	}
+	if !c.AutoAck {
+		dv.ch, dv.tag = ch, d.DeliveryTag
+	}
+	return dv
 }
 
 func (l *link) markDown() {
@@ -542,19 +750,12 @@ func (l *link) publish(ctx context.Context, m message) error {
 		Body:          m.Body,
 	}
 	if m.Expiration > 0 {
-		ms := m.Expiration.Milliseconds()
-		if ms < 1 {
-			ms = 1
-		}
-		pub.Expiration = strconv.FormatInt(ms, 10)
+		pub.Expiration = l.expiration(m.Expiration)
 	}
 	if m.Persistent {
 		pub.DeliveryMode = amqp.Persistent
 	}
 	for {
-		if err := l.waitReady(ctx); err != nil {
-			return err
-		}
 		l.mu.Lock()
 		ch := l.pub
 		if m.Persistent {
@@ -562,6 +763,9 @@ func (l *link) publish(ctx context.Context, m message) error {
 		}
 		l.mu.Unlock()
 		if ch == nil {
+			if err := l.waitReady(ctx); err != nil {
+				return err
+			}
 			continue
 		}
 		var err error
@@ -599,11 +803,30 @@ func (l *link) publish(ctx context.Context, m message) error {
 	}
 }
 
-// publishBy publishes m, waiting for a connection until deadline at most (a
-// zero deadline waits up to fallback). It builds a context only when it has
-// to wait, which keeps the hot path free of timers.
-func (l *link) publishBy(deadline time.Time, fallback time.Duration, m message) error {
-	if l.connected() && !m.Persistent { // a confirm wait needs a deadline
+// expiration is the AMQP expiration property for ttl: milliseconds, at
+// least 1, in decimal. Requests sent within the same millisecond with the
+// same timeout share one string (the last one made is kept).
+func (l *link) expiration(ttl time.Duration) string {
+	ms := max(ttl.Milliseconds(), 1)
+	if last := l.lastExp.Load(); last != nil && last.ms == ms {
+		return last.s
+	}
+	e := &expirationString{ms: ms, s: strconv.FormatInt(ms, 10)}
+	l.lastExp.Store(e)
+	return e.s
+}
+
+type expirationString struct {
+	ms int64
+	s  string
+}
+
+// publishBy publishes m, waiting for a connection while ctx allows and
+// until deadline at most (a zero deadline waits up to fallback). It builds a
+// context only when it has to wait, which keeps the hot path free of
+// timers.
+func (l *link) publishBy(ctx context.Context, deadline time.Time, fallback time.Duration, m message) error {
+	if l.connected() && !m.Persistent && ctx.Err() == nil { // a confirm wait needs a deadline
 		err := l.publish(context.Background(), m)
 		if err == nil || !errors.Is(err, amqp.ErrClosed) {
 			return err
@@ -612,7 +835,7 @@ func (l *link) publishBy(deadline time.Time, fallback time.Duration, m message) 
 	if deadline.IsZero() {
 		deadline = time.Now().Add(fallback)
 	}
-	ctx, cancel := context.WithDeadline(context.Background(), deadline)
+	ctx, cancel := context.WithDeadline(ctx, deadline)
 	defer cancel()
 	return l.publish(ctx, m)
 }

@@ -7,7 +7,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"sort"
+	"slices"
 	"sync"
 )
 
@@ -57,12 +57,17 @@ type call struct {
 	token   string
 	service string
 
-	mu       sync.Mutex
-	expect   map[string]bool // agents still expected; nil: the first result packet completes
+	mu sync.Mutex
+	// byAgent: only results from the agents in expect count, one each, and
+	// the call is finished when expect is empty. Otherwise the first result
+	// packet completes it.
+	byAgent  bool
+	expect   idSet // agents still expected, when byAgent
 	results  []Result
 	finished bool
 	done     chan struct{}
 	failure  error // set when the call failed as a whole
+	resBuf   [1]Result
 
 	onIntermediate func(Intermediate)
 	// onResult, when set, is told about every result as it arrives (the
@@ -77,15 +82,18 @@ func (c *call) complete(r Result) bool {
 		c.mu.Unlock()
 		return false
 	}
-	if c.expect != nil {
-		if !c.expect[r.Agent] {
+	if c.byAgent {
+		if !c.expect.has(r.Agent) {
 			c.mu.Unlock()
 			return false // unexpected or duplicate answer
 		}
-		delete(c.expect, r.Agent)
+		c.expect.del(r.Agent)
+	}
+	if c.results == nil {
+		c.results = c.resBuf[:0]
 	}
 	c.results = append(c.results, r)
-	fin := c.expect == nil || len(c.expect) == 0
+	fin := !c.byAgent || len(c.expect) == 0
 	if fin {
 		c.finished = true
 		close(c.done)
@@ -100,10 +108,10 @@ func (c *call) complete(r Result) bool {
 func (c *call) completeFor(agent string, recs []ResultRecord) bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if c.finished || c.expect == nil || !c.expect[agent] {
+	if c.finished || !c.byAgent || !c.expect.has(agent) {
 		return false
 	}
-	delete(c.expect, agent)
+	c.expect.del(agent)
 	for _, r := range recs {
 		c.results = append(c.results, Result{Agent: r.Agent, Payload: r.Payload, Err: remoteErr(r.Agent, r.Error)})
 	}
@@ -122,7 +130,7 @@ func (c *call) completeAll(rs []Result) {
 		return
 	}
 	c.results = append(c.results, rs...)
-	c.expect = nil
+	c.expect = c.expect[:0]
 	c.finished = true
 	close(c.done)
 }
@@ -144,18 +152,27 @@ func (c *call) fail(err error) bool {
 func (c *call) missing() []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	out := make([]string, 0, len(c.expect))
-	for a := range c.expect {
-		out = append(out, a)
-	}
-	sort.Strings(out)
+	return c.missingLocked()
+}
+
+func (c *call) missingLocked() []string {
+	out := slices.Clone(c.expect)
+	slices.Sort(out)
 	return out
 }
 
-func (c *call) snapshot() []Result {
+// expire ends the call at its deadline, unless it already finished: wait
+// then returns a *TimeoutError naming the agents that did not answer.
+func (c *call) expire() bool {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return append([]Result(nil), c.results...)
+	if c.finished {
+		return false
+	}
+	c.failure = &TimeoutError{Service: c.service, Missing: c.missingLocked()}
+	c.finished = true
+	close(c.done)
+	return true
 }
 
 // calls is a table of outstanding requests keyed by token.
@@ -238,14 +255,14 @@ func (c *call) wait(ctx context.Context) (*Response, error) {
 	case <-c.done:
 	case <-ctx.Done():
 		if c.fail(nil) { // mark finished so late answers are ignored
-			resp := &Response{Token: c.token, Service: c.service, Results: c.snapshot()}
+			resp := c.response()
 			if errors.Is(ctx.Err(), context.DeadlineExceeded) {
 				return resp, &TimeoutError{Service: c.service, Missing: c.missing()}
 			}
 			return resp, fmt.Errorf("nanite: request %s: %w", c.service, context.Cause(ctx))
 		}
 	}
-	resp := &Response{Token: c.token, Service: c.service, Results: c.snapshot()}
+	resp := c.response()
 	c.mu.Lock()
 	failure := c.failure
 	c.mu.Unlock()
@@ -253,6 +270,15 @@ func (c *call) wait(ctx context.Context) (*Response, error) {
 		return resp, failure
 	}
 	return resp, nil
+}
+
+// response builds the response of a finished call. Its results no longer
+// change (complete, completeAll and fail do nothing once it finished), so
+// the response shares them.
+func (c *call) response() *Response {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return &Response{Token: c.token, Service: c.service, Results: c.results[:len(c.results):len(c.results)]}
 }
 
 // newToken returns a random 128-bit token in hex.

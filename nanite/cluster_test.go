@@ -451,7 +451,7 @@ func rawRequester(t *testing.T, url string) (*link, chan *delivery, string) {
 			}
 			return declareReplyQueue(tp, id)
 		},
-		Consumers: []consumerSpec{{Queue: ReplyQueue(id), AutoAck: true, Handle: func(d *delivery) { got <- d }}},
+		Consumers: []consumerSpec{{Queue: ReplyQueue(id), AutoAck: true, Handle: func(d delivery) { got <- &d }}},
 	})
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})

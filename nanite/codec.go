@@ -31,6 +31,7 @@ import (
 	"fmt"
 	"math"
 	"math/bits"
+	"slices"
 	"strconv"
 	"unicode"
 	"unicode/utf16"
@@ -48,7 +49,16 @@ const maxDepth = 1000
 // the current protocol version and p.Payload, if not empty, as its last
 // member, spliced in unchanged.
 func marshalPacket(p *Packet) ([]byte, error) {
-	if b, ok := appendPacket(make([]byte, 0, packetSizeHint(p)), p); ok {
+	return appendMarshalPacket(nil, p)
+}
+
+// appendMarshalPacket is marshalPacket appending to buf (growing it when
+// it is too small).
+func appendMarshalPacket(buf []byte, p *Packet) ([]byte, error) {
+	if n := packetSizeHint(p); cap(buf)-len(buf) < n {
+		buf = slices.Grow(buf, n)
+	}
+	if b, ok := appendPacket(buf, p); ok {
 		return b, nil
 	}
 	return marshalPacketJSON(p)
@@ -403,9 +413,12 @@ func fastValid(b []byte) bool {
 // ---------------------------------------------------------------------------
 // Decoding
 
-// unmarshalPacket is json.Unmarshal(b, p) for a zero p.
-func unmarshalPacket(b []byte, p *Packet) error {
-	d := decoder{b: b}
+// unmarshalPacket is json.Unmarshal(b, p) for a zero p. With alias, the
+// raw members (payload, origin, the payloads of results) are slices of b
+// instead of copies (capped, so that appending to one copies it); only for
+// a b that nobody changes afterwards.
+func unmarshalPacket(b []byte, p *Packet, alias bool) error {
+	d := decoder{b: b, alias: alias}
 	if d.packet(p) {
 		return nil
 	}
@@ -421,6 +434,7 @@ type decoder struct {
 	i       int // read offset
 	depth   int // nesting of arrays and objects at i
 	tooDeep bool
+	alias   bool // raw values are slices of b, not copies
 }
 
 // Bits of Packet members seen, to detect duplicate keys.
@@ -743,11 +757,15 @@ func (d *decoder) float(v **float64) bool {
 }
 
 // raw copies any value as json.RawMessage.UnmarshalJSON does (null
-// included).
+// included), or with d.alias takes it as a slice of the input.
 func (d *decoder) raw(v *json.RawMessage) bool {
 	start := d.i
 	if !d.skipValue() {
 		return false
+	}
+	if d.alias {
+		*v = json.RawMessage(d.b[start:d.i:d.i])
+		return true
 	}
 	*v = append(json.RawMessage(nil), d.b[start:d.i]...)
 	return true
@@ -1024,12 +1042,21 @@ func (d *decoder) scanString() (raw []byte, plain, ok bool) {
 	start := d.i + 1
 	plain = true
 	for i := start; i < len(b); {
-		for i+8 <= len(b) {
+		for n := 0; i+8 <= len(b); n++ {
 			if m := stringStopMask(binary.LittleEndian.Uint64(b[i:])); m != 0 {
 				i += bits.TrailingZeros64(m) / 8
 				break
 			}
 			i += 8
+			if n == 16 && plain {
+				// A long string, such as a payload: find its end with
+				// the vectorised bytes.IndexByte, then check that the
+				// bytes before it need no closer look.
+				if q := bytes.IndexByte(b[i:], '"'); q >= 0 && plainRun(b[i:i+q]) {
+					d.i = i + q + 1
+					return b[start : i+q], true, true
+				}
+			}
 		}
 		for i < len(b) && !stringStop[b[i]] {
 			i++
@@ -1065,6 +1092,34 @@ func (d *decoder) scanString() (raw []byte, plain, ok bool) {
 		}
 	}
 	return nil, false, false
+}
+
+// plainRun reports whether b has no byte that stringStop flags other than
+// '"' (none of b is one): no backslash (found with the vectorised
+// bytes.IndexByte), no control character and no non-ASCII byte (32 bytes
+// at a time).
+func plainRun(b []byte) bool {
+	if bytes.IndexByte(b, '\\') >= 0 {
+		return false
+	}
+	const ones, highs = 0x0101010101010101, 0x8080808080808080
+	for len(b) >= 32 {
+		// A byte below ' ' borrows into its high bit, one of 0x80 and up
+		// has it set; borrows only flag bytes after a flagged one.
+		w := b[:32:32]
+		x0, x1 := binary.LittleEndian.Uint64(w[0:8]), binary.LittleEndian.Uint64(w[8:16])
+		x2, x3 := binary.LittleEndian.Uint64(w[16:24]), binary.LittleEndian.Uint64(w[24:32])
+		if ((x0-ones*' ')|x0|(x1-ones*' ')|x1|(x2-ones*' ')|x2|(x3-ones*' ')|x3)&highs != 0 {
+			return false
+		}
+		b = b[32:]
+	}
+	for _, c := range b {
+		if stringStop[c] {
+			return false
+		}
+	}
+	return true
 }
 
 // stringStopMask has the high bit set in the first byte of x (eight bytes

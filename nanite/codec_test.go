@@ -17,6 +17,7 @@ import (
 	"math/bits"
 	"math/rand/v2"
 	"reflect"
+	"strconv"
 	"strings"
 	"testing"
 )
@@ -344,6 +345,38 @@ func TestCodecValid(t *testing.T) {
 		strings.Repeat("[", 10001) + strings.Repeat("]", 10001), strings.Repeat("[", 5000) + "x"} {
 		if got, want := validJSON([]byte(in)), json.Valid([]byte(in)); got != want {
 			t.Errorf("validJSON(%.40q) = %v, json.Valid: %v", in, got, want)
+		}
+	}
+}
+
+// Long strings take a faster path (their end found with bytes.IndexByte);
+// whatever sits where in them, validation and decoding agree with
+// encoding/json.
+func TestCodecLongStrings(t *testing.T) {
+	specials := []string{``, `\"`, `\\`, `\n`, `\u00e9`, `\u12`, `\x`, "\x00", "\x1f", "\x7f", "\xc3\xa9", "\xff", `"`, `<&>`}
+	for _, n := range []int{60, 100, 135, 136, 137, 143, 144, 150, 200, 1000, 10240} {
+		for _, sp := range specials {
+			sp, _ := strconv.Unquote(`"` + sp + `"`)
+			for _, at := range []int{0, 7, 8, 63, 64, 127, 128, 135, 136, 137, 143, 144, 160, 167, 168, n - 2, n - 1} {
+				if at < 0 || at > n {
+					continue
+				}
+				body := strings.Repeat("a", at) + sp + strings.Repeat("b", n-at)
+				in := []byte(`"` + body + `"`)
+				if got, want := validJSON(in), json.Valid(in); got != want {
+					t.Fatalf("validJSON(string of %d with %q at %d) = %v, json.Valid: %v", n, sp, at, got, want)
+				}
+				pkt := []byte(`{"v":1,"packet":"result","token":"t","from":"` + body + `","payload":` + string(in) + `}`)
+				var want Packet
+				werr := json.Unmarshal(pkt, &want)
+				for _, alias := range []bool{false, true} {
+					var got Packet
+					gerr := unmarshalPacket(pkt, &got, alias)
+					if (gerr == nil) != (werr == nil) || gerr == nil && !reflect.DeepEqual(got, want) {
+						t.Fatalf("string of %d with %q at %d: got %+v, %v; encoding/json %+v, %v", n, sp, at, got, gerr, want, werr)
+					}
+				}
+			}
 		}
 	}
 }
@@ -753,4 +786,32 @@ func BenchmarkCodecHeartbeat(b *testing.B) {
 			_, _ = refDecodePacket(body, 0)
 		}
 	})
+}
+
+// Packets decoded from a delivery's body (which nobody changes afterwards)
+// refer to it instead of copying their payloads; capped, so that appending
+// to a payload does not write into the body.
+func TestDecodeOwnedAliases(t *testing.T) {
+	b, err := (&Packet{Kind: KindResult, Token: "t", Payload: json.RawMessage(`{"a":[1,2]}`),
+		Results: []ResultRecord{{Agent: "x", Payload: json.RawMessage(`"r"`)}}}).Encode()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, alias := range []bool{false, true} {
+		in := append([]byte(nil), b...)
+		p, err := decodePacket(in, 0, alias)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if string(p.Payload) != `{"a":[1,2]}` || string(p.Results[0].Payload) != `"r"` {
+			t.Fatalf("payloads %s %s", p.Payload, p.Results[0].Payload)
+		}
+		if alias && cap(p.Payload) != len(p.Payload) {
+			t.Fatalf("alias %v: cap %d len %d: appending would write into the body", alias, cap(p.Payload), len(p.Payload))
+		}
+		shared := &p.Payload[0] == &in[bytes.Index(in, p.Payload)]
+		if shared != alias {
+			t.Fatalf("alias %v: payload shares the body: %v", alias, shared)
+		}
+	}
 }

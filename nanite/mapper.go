@@ -74,9 +74,13 @@ type Mapper struct {
 	log      *slog.Logger
 	link     *link
 
+	replyQueue   string         // ReplyQueue(instance)
+	replyHeaders map[string]any // the headers of its requests; never changed
+
 	mu       sync.Mutex
 	reg      *registry
 	out      map[string]*mcall // outstanding requests by token
+	timeouts *deadlines        // the deadlines of the requests in out
 	appeared chan struct{}     // closed and replaced whenever an agent (re)registers
 	upSince  time.Time         // when the current connection came up
 
@@ -95,7 +99,7 @@ type mapperStats struct {
 
 // mcall is the mapper's record of an outstanding request.
 type mcall struct {
-	*call
+	call
 	pkt      *Packet
 	opts     requestOptions
 	idem     bool
@@ -103,6 +107,23 @@ type mcall struct {
 	attempts int
 	sentTo   idSet // agents holding the request now (for pending accounting)
 	viaQueue bool  // sent to the failsafe queue, answered by a mapper daemon
+	deadline time.Time
+	slot     int // in the mapper's deadlines heap; -1 when not in it
+
+	// Most requests go to one agent: their sets need no allocation.
+	expectBuf, triedBuf, sentToBuf [1]string
+	pktBuf                         Packet // pkt, when the request was made here
+}
+
+// setup readies the record of request pkt, to be sent to n agents.
+func (mc *mcall) setup(pkt *Packet, svc string, o requestOptions, n int) {
+	mc.pkt, mc.opts, mc.slot = pkt, o, -1
+	mc.token, mc.service, mc.done, mc.onIntermediate = pkt.Token, svc, make(chan struct{}), o.onIntermediate
+	if n <= 1 {
+		mc.expect, mc.tried, mc.sentTo = mc.expectBuf[:0], mc.triedBuf[:0], mc.sentToBuf[:0]
+	} else {
+		mc.expect, mc.tried, mc.sentTo = make(idSet, 0, n), make(idSet, 0, n), make(idSet, 0, n)
+	}
 }
 
 // NewMapper returns a mapper; Run it to connect.
@@ -153,9 +174,12 @@ func NewMapper(cfg MapperConfig) (*Mapper, error) {
 		log:      cfg.Logger.With("mapper", id),
 		reg:      newRegistry(cfg.InflightWeight),
 		out:      map[string]*mcall{},
+		timeouts: newDeadlines(),
 		appeared: make(chan struct{}),
 		sem:      make(chan struct{}, cfg.RelayConcurrency),
 	}
+	m.replyQueue = ReplyQueue(m.instance)
+	m.replyHeaders = map[string]any{HeaderReplyTo: m.replyQueue}
 	m.link = m.newMapperLink()
 	return m, nil
 }
@@ -342,18 +366,15 @@ func (m *Mapper) agentGone(mc *mcall, id, code, msg string) {
 		mc.sentTo.add(e.Identity)
 		m.reg.addPending(e.Identity, 1)
 		mc.call.mu.Lock()
-		delete(mc.expect, id)
-		mc.expect[e.Identity] = true
+		mc.expect.del(id)
+		mc.expect.add(e.Identity)
 		mc.call.mu.Unlock()
 		m.mu.Unlock()
 		m.stats.retries.Add(1)
 		m.log.Info("retrying idempotent request on another agent", "token", mc.token, "service", mc.service, "lost", id, "agent", e.Identity)
 		pkt := *mc.pkt
 		pkt.Attempt = mc.attempts
-		deadline := pkt.deadlineTime()
-		ctx, cancel := context.WithDeadline(context.Background(), deadline)
-		defer cancel()
-		if err := m.send(ctx, &pkt, e.Identity); err != nil {
+		if err := m.send(context.Background(), mc.deadline, &pkt, e.Identity, e.Queue); err != nil {
 			m.agentGone(mc, e.Identity, CodeNotDelivered, err.Error())
 		}
 		return
@@ -380,7 +401,7 @@ func (m *Mapper) failAll(err error) {
 }
 
 // handleState processes registration-fanout and heartbeat-fanout packets.
-func (m *Mapper) handleState(d *delivery) {
+func (m *Mapper) handleState(d delivery) {
 	in, err := m.cfg.Secure.open(d.Body, m.cfg.MaxPayload, security.RoleAgent)
 	p := in.pkt
 	if err != nil {
@@ -612,17 +633,39 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 	if timeout <= 0 {
 		timeout = m.cfg.RequestTimeout
 	}
-	ctx, cancel := context.WithTimeout(ctx, timeout)
-	defer cancel()
-	deadline, _ := ctx.Deadline()
+	// The deadline: the earlier of ctx's and the timeout. The request's
+	// wait ends there through m.timeouts (one timer for every request), and
+	// a context with this deadline is made only where something may wait
+	// for the broker.
+	deadline := time.Now().Add(timeout)
+	if d, ok := ctx.Deadline(); ok && d.Before(deadline) {
+		deadline = d
+	}
+	if err := ctx.Err(); err != nil {
+		// As wait would say, without sending anything.
+		if errors.Is(err, context.DeadlineExceeded) {
+			m.stats.timeouts.Add(1)
+			return nil, &TimeoutError{Service: svc}
+		}
+		return nil, fmt.Errorf("nanite: request %s: %w", svc, context.Cause(ctx))
+	}
 	if token == "" {
 		token = newToken()
 	}
-	pkt := &Packet{Kind: kind, Type: svc, Payload: body, From: from, Token: token,
+	// A request's record holds its packet: one allocation for both.
+	var mc *mcall
+	var pkt *Packet
+	if kind == KindRequest {
+		mc = new(mcall)
+		pkt = &mc.pktBuf
+	} else {
+		pkt = new(Packet)
+	}
+	*pkt = Packet{Kind: kind, Type: svc, Payload: body, From: from, Token: token,
 		Selector: o.selector, Target: o.target, Tags: o.tags, TagMatch: o.tagMatch,
 		Persistent: o.persistent, Deadline: unixMilli(deadline), Origin: origin, Hops: o.hops}
 	if kind == KindRequest {
-		pkt.ReplyTo = ReplyQueue(m.instance)
+		pkt.ReplyTo = m.replyQueue
 		m.stats.requests.Add(1)
 	} else {
 		m.stats.pushes.Add(1)
@@ -633,31 +676,30 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 		m.mu.Unlock()
 		return nil, fmt.Errorf("%w (%d)", ErrBusy, m.cfg.MaxOutstanding)
 	}
-	targets, err := m.pickLocked(ctx, svc, &o, holdForAgent)
+	var buf [1]*agentEntry
+	targets, err := m.pickLocked(ctx, deadline, buf[:0], svc, &o, holdForAgent)
 	if err != nil {
 		m.mu.Unlock()
 		if errors.Is(err, ErrNoAgent) {
 			m.stats.noAgent.Add(1)
 			if o.failsafe && !holdForAgent {
-				return m.toFailsafe(ctx, pkt, o)
+				return m.toFailsafe(ctx, deadline, pkt, o)
 			}
 		}
 		return nil, err
 	}
-	var mc *mcall
-	ids := make([]string, len(targets))
-	for i, e := range targets {
-		ids[i] = e.Identity
+	var idBuf, queueBuf [1]string
+	ids, queues := idBuf[:0], queueBuf[:0]
+	for _, e := range targets {
+		ids, queues = append(ids, e.Identity), append(queues, e.Queue)
 	}
-	if kind == KindRequest {
-		mc = &mcall{
-			call: &call{token: token, service: svc, done: make(chan struct{}), expect: map[string]bool{},
-				onIntermediate: o.onIntermediate},
-			pkt: pkt, opts: o, tried: make(idSet, 0, len(targets)), sentTo: make(idSet, 0, len(targets)),
-			idem: targets[0].idem[svc],
-		}
+	if mc != nil {
+		mc.setup(pkt, svc, o, len(ids))
+		mc.byAgent = true
+		mc.idem = targets[0].idem[svc]
+		mc.deadline = deadline
 		for _, id := range ids {
-			mc.expect[id] = true
+			mc.expect.add(id)
 			mc.tried.add(id)
 			mc.sentTo.add(id)
 			m.reg.addPending(id, 1)
@@ -666,11 +708,12 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 	}
 	m.mu.Unlock()
 	if mc != nil {
+		m.timeouts.add(mc)
 		defer m.finishCall(mc)
 	}
 
-	for _, id := range ids {
-		if err := m.send(ctx, pkt, id); err != nil {
+	for i, id := range ids {
+		if err := m.send(ctx, deadline, pkt, id, queues[i]); err != nil {
 			if mc == nil {
 				return nil, err
 			}
@@ -694,13 +737,16 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 	return resp, nil
 }
 
-// pickLocked selects targets; with holdForAgent (or during warmup) it waits
-// for an agent to appear. m.mu is held on entry and on return.
-func (m *Mapper) pickLocked(ctx context.Context, svc string, o *requestOptions, holdForAgent bool) ([]*agentEntry, error) {
+// pickLocked selects targets, appending them to dst; with holdForAgent (or
+// during warmup) it waits for an agent to appear, until deadline at most.
+// m.mu is held on entry and on return.
+func (m *Mapper) pickLocked(ctx context.Context, deadline time.Time, dst []*agentEntry, svc string, o *requestOptions, holdForAgent bool) ([]*agentEntry, error) {
+	if targets := m.reg.pickInto(dst, svc, o, nil); len(targets) > 0 {
+		return targets, nil
+	}
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
 	for {
-		if targets := m.reg.pick(svc, o, nil); len(targets) > 0 {
-			return targets, nil
-		}
 		var wait <-chan time.Time
 		if !holdForAgent {
 			warm := time.Until(m.upSince.Add(m.cfg.Warmup))
@@ -717,10 +763,13 @@ func (m *Mapper) pickLocked(ctx context.Context, svc string, o *requestOptions, 
 		select {
 		case <-ch:
 			m.mu.Lock()
+			if targets := m.reg.pickInto(dst, svc, o, nil); len(targets) > 0 {
+				return targets, nil
+			}
 			continue
 		case <-wait:
 			m.mu.Lock()
-			if targets := m.reg.pick(svc, o, nil); len(targets) > 0 {
+			if targets := m.reg.pickInto(dst, svc, o, nil); len(targets) > 0 {
 				return targets, nil
 			}
 		case <-ctx.Done():
@@ -741,8 +790,10 @@ func (m *Mapper) pickLocked(ctx context.Context, svc string, o *requestOptions, 
 	return nil, fmt.Errorf("%w: no %s", ErrNoAgent, what)
 }
 
-// send publishes a request or push packet to one agent's queue.
-func (m *Mapper) send(ctx context.Context, pkt *Packet, agent string) error {
+// send publishes a request or push packet to one agent's queue, waiting
+// for the broker (while disconnected, or for a persistent request's
+// confirm) until deadline at most.
+func (m *Mapper) send(ctx context.Context, deadline time.Time, pkt *Packet, agent, queue string) error {
 	if sec := m.cfg.Secure; sec != nil {
 		// Signed for this agent only; sealed to it when asked.
 		cp := *pkt
@@ -762,22 +813,55 @@ func (m *Mapper) send(ctx context.Context, pkt *Packet, agent string) error {
 		}
 		pkt = &cp
 	}
-	body, err := m.cfg.Secure.encodeRequest(pkt, agent)
+	var body []byte
+	var err error
+	if m.cfg.Secure == nil {
+		// The encoding goes to a buffer of a pool: nothing holds on to it
+		// once it is published.
+		buf := sendBuffers.Get().(*[]byte)
+		defer func() {
+			if cap(*buf) <= maxPooledSendBuffer {
+				sendBuffers.Put(buf)
+			}
+		}()
+		body, err = appendMarshalPacket((*buf)[:0], pkt)
+		if err == nil {
+			*buf = body[:0]
+		}
+	} else {
+		body, err = m.cfg.Secure.encodeRequest(pkt, agent)
+	}
 	if err != nil {
 		return err
 	}
-	msg := message{Key: AgentQueue(agent), Body: body, CorrelationID: pkt.Token, ReplyTo: pkt.ReplyTo,
+	msg := message{Key: queue, Body: body, CorrelationID: pkt.Token, ReplyTo: pkt.ReplyTo,
 		Type: string(pkt.Kind), Persistent: pkt.Persistent, Mandatory: true,
-		Expiration: time.Until(pkt.deadlineTime())}
+		Expiration: time.Until(deadline)}
 	if pkt.ReplyTo != "" {
-		msg.Headers = map[string]any{HeaderReplyTo: pkt.ReplyTo}
+		msg.Headers = m.headersFor(pkt.ReplyTo)
 	}
-	return m.link.publish(ctx, msg)
+	return m.link.publishBy(ctx, deadline, 0, msg)
+}
+
+// sendBuffers are the buffers Mapper.send encodes requests into; buffers
+// that grew beyond maxPooledSendBuffer are left to the garbage collector.
+var sendBuffers = sync.Pool{New: func() any { return new([]byte) }}
+
+const maxPooledSendBuffer = 64 << 10
+
+// headersFor returns the headers of a request answered on replyTo.
+func (m *Mapper) headersFor(replyTo string) map[string]any {
+	if replyTo == m.replyQueue {
+		return m.replyHeaders
+	}
+	return map[string]any{HeaderReplyTo: replyTo}
 }
 
 // toFailsafe parks a request in the offline queue, where a mapper daemon
 // holds it until an agent offering the service appears.
-func (m *Mapper) toFailsafe(ctx context.Context, pkt *Packet, o requestOptions) (*Response, error) {
+func (m *Mapper) toFailsafe(ctx context.Context, deadline time.Time, pkt *Packet, o requestOptions) (*Response, error) {
+	ctx, cancel := context.WithDeadline(ctx, deadline)
+	defer cancel()
 	pkt.Failsafe = true
 	body, err := pkt.encodeTrusted()
 	if err == nil {
@@ -788,8 +872,10 @@ func (m *Mapper) toFailsafe(ctx context.Context, pkt *Packet, o requestOptions) 
 	}
 	var mc *mcall
 	if pkt.Kind == KindRequest {
-		mc = &mcall{call: &call{token: pkt.Token, service: pkt.Type, done: make(chan struct{}), onIntermediate: o.onIntermediate},
-			pkt: pkt, opts: o, viaQueue: true}
+		mc = new(mcall)
+		mc.setup(pkt, pkt.Type, o, 1)
+		mc.viaQueue = true
+		mc.deadline = deadline
 		m.mu.Lock()
 		m.out[pkt.Token] = mc
 		m.mu.Unlock()
@@ -797,9 +883,9 @@ func (m *Mapper) toFailsafe(ctx context.Context, pkt *Packet, o requestOptions) 
 	}
 	msg := message{Key: QueueOffline, Body: body, CorrelationID: pkt.Token, ReplyTo: pkt.ReplyTo,
 		Type: string(pkt.Kind), Persistent: pkt.Persistent, Mandatory: true,
-		Expiration: time.Until(pkt.deadlineTime())}
+		Expiration: time.Until(deadline)}
 	if pkt.ReplyTo != "" {
-		msg.Headers = map[string]any{HeaderReplyTo: pkt.ReplyTo}
+		msg.Headers = m.headersFor(pkt.ReplyTo)
 	}
 	if err := m.link.publish(ctx, msg); err != nil {
 		return nil, err
@@ -822,6 +908,7 @@ func (m *Mapper) toFailsafe(ctx context.Context, pkt *Packet, o requestOptions) 
 
 // finishCall removes a finished call and releases its pending counts.
 func (m *Mapper) finishCall(mc *mcall) {
+	m.timeouts.remove(mc)
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	delete(m.out, mc.token)
@@ -833,7 +920,7 @@ func (m *Mapper) finishCall(mc *mcall) {
 
 // handleReply processes results, intermediate results and dead-lettered
 // requests arriving on the mapper's reply queue.
-func (m *Mapper) handleReply(d *delivery) {
+func (m *Mapper) handleReply(d delivery) {
 	var p *Packet
 	if d.DeadLettered {
 		var err error
@@ -842,7 +929,14 @@ func (m *Mapper) handleReply(d *delivery) {
 			return
 		}
 	} else {
-		in, err := m.cfg.Secure.openResult(d.Body, m.cfg.MaxPayload, security.RoleAgent, security.RoleMapper, security.RoleBridge)
+		// Nothing keeps the packet once the reply is handled (results copy
+		// what they need): it comes from a pool.
+		pp := replyPackets.Get().(*Packet)
+		defer func() {
+			*pp = Packet{}
+			replyPackets.Put(pp)
+		}()
+		in, err := m.cfg.Secure.openResultInto(pp, d.Body, m.cfg.MaxPayload, security.RoleAgent, security.RoleMapper, security.RoleBridge)
 		if err != nil {
 			m.stats.badPackets.Add(1)
 			reason := rejectReason(err)
@@ -873,6 +967,13 @@ func (m *Mapper) handleReply(d *delivery) {
 	}
 	m.mu.Lock()
 	mc := m.out[p.Token]
+	if mc != nil && !d.DeadLettered && p.Kind == KindResult && len(p.Results) == 0 &&
+		(p.Error == nil || p.Error.Code != CodeShutdown) && mc.sentTo.has(p.From) {
+		// The agent's answer: it no longer holds the request (under the
+		// same lock as the lookup, the common case).
+		mc.sentTo.del(p.From)
+		m.reg.addPending(p.From, -1)
+	}
 	m.mu.Unlock()
 	if mc == nil {
 		return // late answer to a finished request
@@ -920,6 +1021,9 @@ func (m *Mapper) handleReply(d *delivery) {
 		mc.complete(Result{Agent: p.From, Payload: p.Payload, Err: remoteErr(p.From, p.Error)})
 	}
 }
+
+// replyPackets are the packets Mapper.handleReply decodes into.
+var replyPackets = sync.Pool{New: func() any { return new(Packet) }}
 
 func (m *Mapper) holders(mc *mcall) []string {
 	m.mu.Lock()

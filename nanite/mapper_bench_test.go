@@ -26,7 +26,7 @@ func benchMapper(tb testing.TB, n int) *Mapper {
 		tb.Fatal(err)
 	}
 	for i := range n {
-		m.handleState(&delivery{Body: benchRegisterBody(tb, i)})
+		m.handleState(delivery{Body: benchRegisterBody(tb, i)})
 	}
 	if got := len(m.reg.agents); got != n {
 		tb.Fatalf("registered %d agents, want %d", got, n)
@@ -66,12 +66,13 @@ func benchHeartbeatBody(tb testing.TB, i int, status float64) []byte {
 func BenchmarkMapperSelect(b *testing.B) {
 	m := benchMapper(b, benchFleetSize)
 	ctx := context.Background()
+	deadline := time.Now().Add(time.Hour)
 	for _, sel := range benchSelectors {
 		b.Run(sel.name, func(b *testing.B) {
 			o := sel.opts
 			for b.Loop() {
 				m.mu.Lock()
-				targets, err := m.pickLocked(ctx, benchService, &o, false)
+				targets, err := m.pickLocked(ctx, deadline, nil, benchService, &o, false)
 				if err != nil {
 					m.mu.Unlock()
 					b.Fatal(err)
@@ -106,7 +107,7 @@ func BenchmarkMapperHeartbeat(b *testing.B) {
 	adv := m.stats.advertises.Load()
 	i := 0
 	for b.Loop() {
-		m.handleState(&delivery{Body: bodies[i%len(bodies)]})
+		m.handleState(delivery{Body: bodies[i%len(bodies)]})
 		i++
 	}
 	if m.stats.advertises.Load() != adv || m.stats.badPackets.Load() != 0 {
@@ -152,7 +153,7 @@ func BenchmarkMapperRegister(b *testing.B) {
 	}
 	i := 0
 	for b.Loop() {
-		m.handleState(&delivery{Body: bodies[i%benchFleetSize]})
+		m.handleState(delivery{Body: bodies[i%benchFleetSize]})
 		i++
 	}
 }
@@ -173,7 +174,7 @@ func BenchmarkMapperMemory(b *testing.B) {
 		}
 		before := heapInUse()
 		for i := range bodies {
-			m.handleState(&delivery{Body: bodies[i]})
+			m.handleState(delivery{Body: bodies[i]})
 		}
 		after := heapInUse()
 		if len(m.reg.agents) != benchFleetSize {
@@ -207,12 +208,13 @@ func TestMapperFleetFigures(t *testing.T) {
 	t.Logf("memory: %.0f bytes per agent", mem.Extra["B/agent"])
 	m := benchMapper(t, benchFleetSize)
 	ctx := context.Background()
+	deadline := time.Now().Add(time.Hour)
 	for _, s := range benchSelectors {
 		o := s.opts
 		r := testing.Benchmark(func(b *testing.B) {
 			for b.Loop() {
 				m.mu.Lock()
-				targets, err := m.pickLocked(ctx, benchService, &o, false)
+				targets, err := m.pickLocked(ctx, deadline, nil, benchService, &o, false)
 				if err != nil {
 					m.mu.Unlock()
 					b.Fatal(err)

@@ -80,8 +80,13 @@ func WithOrigin(origin []byte) RequestOption {
 
 func buildOptions(opts []RequestOption) (requestOptions, error) {
 	var o requestOptions
-	for _, f := range opts {
-		f(&o)
+	if len(opts) > 0 {
+		// Only then does o escape (to the options).
+		po := new(requestOptions)
+		for _, f := range opts {
+			f(po)
+		}
+		o = *po
 	}
 	switch o.selector {
 	case "":

@@ -141,17 +141,36 @@ var errBadPacket = errors.New("nanite: malformed packet")
 // max bytes (when max > 0), of an unknown kind or missing the fields their
 // kind requires.
 func DecodePacket(b []byte, max int) (*Packet, error) {
+	return decodePacket(b, max, false)
+}
+
+// decodeOwned is DecodePacket for a buffer that nobody changes or reuses
+// afterwards, such as the body of a delivery: the payload is not copied
+// out of it but refers to it.
+func decodeOwned(b []byte, max int) (*Packet, error) {
+	return decodePacket(b, max, true)
+}
+
+func decodePacket(b []byte, max int, alias bool) (*Packet, error) {
+	return decodePacketInto(nil, b, max, alias)
+}
+
+// decodePacketInto is decodePacket into *p, which must be zero (a new
+// packet when p is nil).
+func decodePacketInto(p *Packet, b []byte, max int, alias bool) (*Packet, error) {
 	if max > 0 && len(b) > max {
 		return nil, fmt.Errorf("%w: %d bytes exceeds the limit of %d", ErrTooLarge, len(b), max)
 	}
-	var p Packet
-	if err := unmarshalPacket(b, &p); err != nil { // json.Unmarshal, see codec.go
+	if p == nil {
+		p = new(Packet)
+	}
+	if err := unmarshalPacket(b, p, alias); err != nil { // json.Unmarshal, see codec.go
 		return nil, fmt.Errorf("%w: %v", errBadPacket, err)
 	}
 	if err := p.validate(); err != nil {
-		return &p, err
+		return p, err
 	}
-	return &p, nil
+	return p, nil
 }
 
 func (p *Packet) validate() error {
@@ -204,9 +223,19 @@ func (p *Packet) deadlineTime() time.Time {
 	return time.UnixMilli(p.Deadline)
 }
 
+// unixMilli is a deadline on the wire: Unix milliseconds, rounded up, so
+// that whoever reads it (a relaying mapper daemon, an agent) never gives up
+// before the requester itself does. Rounded down, a mapper daemon holding a
+// failsafe request could answer "timeout" up to a millisecond before the
+// requester's own deadline, and that answer would overtake the requester's
+// own, clearer timeout.
 func unixMilli(t time.Time) int64 {
 	if t.IsZero() {
 		return 0
 	}
-	return t.UnixMilli()
+	ms := t.UnixMilli()
+	if time.UnixMilli(ms).Before(t) {
+		ms++
+	}
+	return ms
 }

@@ -36,6 +36,7 @@ type agentEntry struct {
 	tags   map[string]struct{}
 	idem   map[string]bool
 	member map[string]*membership // by service
+	heaps  []*membership          // the same, for fix to walk without a map iteration
 }
 
 type membership struct {
@@ -147,6 +148,7 @@ func (r *registry) upsert(s AgentState, now time.Time) bool {
 		}
 		m := &membership{list: len(set.list), set: set}
 		e.member[svc.Name] = m
+		e.heaps = append(e.heaps, m)
 		set.list = append(set.list, e)
 		heap.Push(&set.heap, e)
 	}
@@ -216,8 +218,10 @@ func (r *registry) addPending(id string, delta int) {
 }
 
 func (r *registry) fix(e *agentEntry) {
-	for _, m := range e.member {
-		heap.Fix(&m.set.heap, m.heap)
+	for _, m := range e.heaps {
+		if len(m.set.heap.items) > 1 { // a heap of one is in order
+			heap.Fix(&m.set.heap, m.heap)
+		}
 	}
 }
 
@@ -263,6 +267,11 @@ func (e *agentEntry) hasTags(tags []string, match string) bool {
 // retries). Least-loaded without tags is O(1) (heap top); with exclusions or
 // tags it scans the agents offering the service.
 func (r *registry) pick(service string, o *requestOptions, exclude map[string]bool) []*agentEntry {
+	return r.pickInto(nil, service, o, exclude)
+}
+
+// pickInto is pick appending to dst (nil when no agent matches).
+func (r *registry) pickInto(dst []*agentEntry, service string, o *requestOptions, exclude map[string]bool) []*agentEntry {
 	if strings.HasPrefix(o.target, TargetXMPP) {
 		// The gateway that reaches the JID (least loaded when several do).
 		for _, tag := range gatewayTags(o.target) {
@@ -273,7 +282,7 @@ func (r *registry) pick(service string, o *requestOptions, exclude map[string]bo
 				}
 			}
 			if best != nil {
-				return []*agentEntry{best}
+				return append(dst, best)
 			}
 		}
 		return nil
@@ -283,20 +292,29 @@ func (r *registry) pick(service string, o *requestOptions, exclude map[string]bo
 		if e == nil || e.member[service] == nil || exclude[o.target] {
 			return nil
 		}
-		return []*agentEntry{e}
+		return append(dst, e)
 	}
 	set := r.services[service]
 	if set == nil || len(set.list) == 0 {
 		return nil
 	}
+	filtered := len(o.tags) > 0 || len(exclude) > 0
+	if !filtered {
+		// The common cases, without closures.
+		switch o.selector {
+		case SelectRandom:
+			return append(dst, set.list[rand.IntN(len(set.list))])
+		case SelectLeastLoaded, "":
+			return append(dst, set.heap.items[0])
+		}
+	}
 	ok := func(e *agentEntry) bool {
 		return e.member[service] != nil && !exclude[e.Identity] && e.hasTags(o.tags, o.tagMatch)
 	}
-	filtered := len(o.tags) > 0 || len(exclude) > 0
 	cands := r.candidates(set, o)
 	switch o.selector {
 	case SelectAll:
-		out := make([]*agentEntry, 0, len(set.list))
+		out := dst
 		for e := range cands {
 			if ok(e) {
 				out = append(out, e)
@@ -304,9 +322,6 @@ func (r *registry) pick(service string, o *requestOptions, exclude map[string]bo
 		}
 		return out
 	case SelectRandom:
-		if !filtered {
-			return []*agentEntry{set.list[rand.IntN(len(set.list))]}
-		}
 		var cands2 []*agentEntry
 		for e := range cands {
 			if ok(e) {
@@ -317,21 +332,18 @@ func (r *registry) pick(service string, o *requestOptions, exclude map[string]bo
 		if len(cands) == 0 {
 			return nil
 		}
-		return []*agentEntry{cands[rand.IntN(len(cands))]}
+		return append(dst, cands[rand.IntN(len(cands))])
 	case SelectRoundRobin:
 		n := len(set.list)
 		for i := 0; i < n; i++ {
 			e := set.list[(set.rr+i)%n]
 			if ok(e) {
 				set.rr = (set.rr + i + 1) % n
-				return []*agentEntry{e}
+				return append(dst, e)
 			}
 		}
 		return nil
 	default: // least loaded
-		if !filtered {
-			return []*agentEntry{set.heap.items[0]}
-		}
 		var best *agentEntry
 		for e := range cands {
 			if ok(e) && (best == nil || score(e, r.weight) < score(best, r.weight)) {
@@ -341,7 +353,7 @@ func (r *registry) pick(service string, o *requestOptions, exclude map[string]bo
 		if best == nil {
 			return nil
 		}
-		return []*agentEntry{best}
+		return append(dst, best)
 	}
 }
 

@@ -15,7 +15,8 @@ import (
 // (nanite.offline). Competing consumers make each message handled by exactly
 // one mapper; the message is acknowledged only after the request has been
 // answered, so a mapper that dies mid-relay leaves it to another one.
-func (m *Mapper) handleRelay(d *delivery) {
+func (m *Mapper) handleRelay(dv delivery) {
+	d := &dv
 	in, err := m.cfg.Secure.open(d.Body, m.cfg.MaxPayload, security.RoleAgent, security.RoleMapper, security.RoleClient, security.RoleBridge)
 	p := in.pkt
 	if err != nil && m.cfg.Secure != nil && !errors.Is(err, errBadPacket) && !errors.Is(err, ErrTooLarge) {

@@ -109,23 +109,34 @@ type inbound struct {
 var errNameMismatch = errors.New("nanite: packet sender is not its signer")
 
 // open verifies (in secure mode) and decodes one incoming message. roles
-// are the roles allowed to sign it.
+// are the roles allowed to sign it. raw is a delivery's body, which nobody
+// changes afterwards: the packet's payload refers to it.
 func (s *Secure) open(raw []byte, max int, roles ...security.Role) (inbound, error) {
+	return s.openInto(nil, raw, max, roles...)
+}
+
+// openInto is open decoding into *dst (a new packet when dst is nil).
+func (s *Secure) openInto(dst *Packet, raw []byte, max int, roles ...security.Role) (inbound, error) {
 	if s == nil {
-		p, err := DecodePacket(raw, max)
+		p, err := decodePacketInto(dst, raw, max, true)
 		return inbound{pkt: p}, err
 	}
 	body, peer, err := s.Verifier.VerifyEnvelope(raw, roles...)
 	if err != nil {
 		return inbound{}, err
 	}
-	return s.decode(body, peer, max)
+	return s.decodeInto(dst, body, peer, max)
 }
 
 // decode decodes the body of a verified message from peer and checks that
 // the packet names its sender as peer.
 func (s *Secure) decode(body []byte, peer *security.Peer, max int) (inbound, error) {
-	p, err := DecodePacket(body, max)
+	return s.decodeInto(nil, body, peer, max)
+}
+
+// decodeInto is decode into *dst (a new packet when dst is nil).
+func (s *Secure) decodeInto(dst *Packet, body []byte, peer *security.Peer, max int) (inbound, error) {
+	p, err := decodePacketInto(dst, body, max, true)
 	if err != nil {
 		return inbound{pkt: p, peer: peer}, err
 	}
@@ -163,7 +174,7 @@ func (s *Secure) decode(body []byte, peer *security.Peer, max int) (inbound, err
 // it is our packet, seen before.)
 func (s *Secure) openOwn(raw []byte, max int) (*Packet, error) {
 	if s == nil {
-		return DecodePacket(raw, max)
+		return decodeOwned(raw, max)
 	}
 	if security.IsSessionEnvelope(raw) {
 		return s.openOwnSession(raw, max) // session.go
@@ -176,7 +187,7 @@ func (s *Secure) openOwn(raw []byte, max int) (*Packet, error) {
 	if env.Signer != s.Identity.Name || !ok || !ed25519.Verify(pub, env.SignedBytes(), env.Sig) {
 		return nil, &security.Error{Reason: "bad_signature", Signer: env.Signer, Detail: "dead letter not signed by us"}
 	}
-	return DecodePacket(env.Body, max)
+	return decodeOwned(env.Body, max)
 }
 
 // verifyOrigin checks the original caller's envelope carried by a relayed

@@ -255,15 +255,21 @@ func (st *sessionState) lookupOut(id string) *security.Session {
 // openResult is open for a mapper's reply queue: results and intermediate
 // results may come signed or in one of its sessions.
 func (s *Secure) openResult(raw []byte, max int, roles ...security.Role) (inbound, error) {
+	return s.openResultInto(nil, raw, max, roles...)
+}
+
+// openResultInto is openResult decoding into *dst (a new packet when dst
+// is nil).
+func (s *Secure) openResultInto(dst *Packet, raw []byte, max int, roles ...security.Role) (inbound, error) {
 	if s == nil || !security.IsSessionEnvelope(raw) {
-		return s.open(raw, max, roles...)
+		return s.openInto(dst, raw, max, roles...)
 	}
 	st := s.sessions()
 	body, sess, err := s.Verifier.VerifySessionEnvelope(raw, st.lookupOut, roles...)
 	if err != nil {
 		return inbound{}, err
 	}
-	in, err := s.decode(body, sess.Peer, max)
+	in, err := s.decodeInto(dst, body, sess.Peer, max)
 	in.sess = sess
 	if err != nil {
 		return in, err
@@ -391,7 +397,7 @@ func (m *Mapper) sessionFallback(p *Packet) {
 		}
 		ctx, cancel := context.WithDeadline(context.Background(), deadline)
 		defer cancel()
-		if err := m.send(ctx, &pkt, agent); err != nil {
+		if err := m.send(ctx, deadline, &pkt, agent, AgentQueue(agent)); err != nil {
 			m.agentGone(mc, agent, CodeNotDelivered, err.Error())
 		}
 	}()
@@ -403,8 +409,14 @@ func (m *Mapper) sessionFallback(p *Packet) {
 // openRequest is open for an agent's queue: requests may come signed or in
 // a session offered to this agent, and a signed request may offer one.
 func (s *Secure) openRequest(raw []byte, max int, roles ...security.Role) (inbound, error) {
+	return s.openRequestInto(nil, raw, max, roles...)
+}
+
+// openRequestInto is openRequest decoding into *dst (a new packet when dst
+// is nil).
+func (s *Secure) openRequestInto(dst *Packet, raw []byte, max int, roles ...security.Role) (inbound, error) {
 	if s == nil || !security.IsSessionEnvelope(raw) {
-		in, err := s.open(raw, max, roles...)
+		in, err := s.openInto(dst, raw, max, roles...)
 		if err == nil && s != nil && s.Sessions && in.pkt.Kind == KindRequest {
 			st := s.sessions()
 			st.c.inSigned.Add(1)
@@ -419,7 +431,7 @@ func (s *Secure) openRequest(raw []byte, max int, roles ...security.Role) (inbou
 	if err != nil {
 		return inbound{}, err
 	}
-	in, err := s.decode(body, sess.Peer, max)
+	in, err := s.decodeInto(dst, body, sess.Peer, max)
 	in.sess = sess
 	if err != nil {
 		return in, err

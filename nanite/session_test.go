@@ -524,7 +524,7 @@ func TestSessionSealed(t *testing.T) {
 			}
 			return tp.Bind(tq, "amq.rabbitmq.trace", "publish.#", nil)
 		},
-		Consumers: []consumerSpec{{Queue: tq, AutoAck: true, Handle: func(d *delivery) {
+		Consumers: []consumerSpec{{Queue: tq, AutoAck: true, Handle: func(d delivery) {
 			mu.Lock()
 			seen = append(seen, bytes.Clone(d.Body))
 			mu.Unlock()
