@@ -190,16 +190,27 @@ func (a *Agent) AddActor(actor *Actor) {
 	}
 }
 
-// inlineBudget is how long a delivery may keep the agent queue's delivery
-// loop before the loop hands the consumer to a new goroutine (see
-// consumerSpec.Handoff). A method whose handler last took longer runs its
-// next requests in goroutines of their own.
-const inlineBudget = time.Millisecond
+// Handlers run in the agent queue's delivery loop while they are quick
+// (quickHandler: their last run took no longer); a method whose handler
+// last took longer runs its next requests in goroutines of their own, as
+// every request did before, so that handlers that wait (on I/O, on other
+// services) still run up to Prefetch at once. A delivery that keeps the
+// loop longer than handoffBudget anyway (a quick method's first slow run)
+// makes it hand the consumer to a new loop within one or two budgets (see
+// consumerSpec.Handoff and handoffWatch): the budget is a compromise
+// between how long the requests behind such a run wait and how often the
+// watch's timer ticks (each tick costs a wakeup, which shows in the latency
+// of quick requests on a small machine).
+const (
+	quickHandler  = 200 * time.Microsecond
+	handoffBudget = 5 * time.Millisecond
+)
 
 // agentMethod is a method as one agent serves it.
 type agentMethod struct {
 	*Method
-	// slow is set when the method's last run outlasted inlineBudget.
+	// slow is set when the method's handler last took longer than
+	// quickHandler.
 	slow atomic.Bool
 }
 
@@ -290,7 +301,7 @@ func (a *Agent) newAgentLink() *link {
 			return declareReplyQueue(t, a.id)
 		},
 		Consumers: []consumerSpec{
-			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery, Handoff: inlineBudget, BatchAcks: true},
+			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery, Handoff: handoffBudget, BatchAcks: true},
 			{Queue: ReplyQueue(a.id), AutoAck: true, Handle: a.handleReply},
 		},
 		OnConnect: func() { go a.register(a.linkCtx) },
@@ -369,7 +380,7 @@ func (a *Agent) heartbeat(ctx context.Context) {
 // handleDelivery runs for every message on the agent's queue, in the
 // consumer's delivery loop. It runs the handler there too, unless the
 // method was slow last time (then in a goroutine of its own); a handler that
-// turns out slow makes the loop hand the consumer over after inlineBudget.
+// turns out slow makes the loop hand the consumer over (handoffBudget).
 // Either way at most Prefetch handlers run at once.
 func (a *Agent) handleDelivery(dv delivery) {
 	// The run of a request holds the delivery and the packet: one
@@ -572,7 +583,7 @@ func (a *Agent) run(r *agentRun, svc string, m *agentMethod, deadline time.Time)
 	// handler is.
 	start := time.Now()
 	res, herr := a.call(&r.ctx, m.Method, &r.req)
-	m.slow.Store(time.Since(start) > inlineBudget)
+	m.slow.Store(time.Since(start) > quickHandler)
 	var payload json.RawMessage
 	var ebody *ErrorBody
 	switch {

@@ -560,31 +560,23 @@ func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery
 	defer l.handlers.Done()
 	// With a handoff, one loop at a time receives from ds. Each loop has a
 	// standby goroutine, started by the loop itself so that it inherits its
-	// pprof labels; when a Handle outlasts c.Handoff, a timer wakes the
-	// standby, which becomes the next loop, and this one ends after its
-	// Handle returns. At most one loop waits on ds, so the number of
-	// goroutines in Handle stays bounded by the deliveries in flight (the
-	// prefetch).
-	var handoff *time.Timer
+	// pprof labels; when a Handle outlasts c.Handoff, the loop's watch
+	// wakes the standby, which becomes the next loop, and this one ends
+	// after its Handle returns. At most one loop waits on ds, so the number
+	// of goroutines in Handle stays bounded by the deliveries in flight
+	// (the prefetch).
+	var watch *handoffWatch
 	if c.Handoff > 0 {
-		takeover, idle := make(chan struct{}), make(chan struct{})
+		watch = newHandoffWatch(c.Handoff)
 		l.handlers.Add(1) // this loop is counted, so the Add cannot race Wait
 		go func() {
-			select {
-			case <-takeover:
+			if watch.wait() {
 				l.handlers.Add(1)
 				l.deliver(ch, c, ds, ack)
-			case <-idle:
 			}
 			l.handlers.Done()
 		}()
-		handoff = time.AfterFunc(time.Hour, func() { close(takeover) })
-		handoff.Stop()
-		defer func() {
-			if handoff != nil {
-				close(idle)
-			}
-		}()
+		defer watch.stop()
 	}
 	for {
 		d, ok := l.next(ds, ack)
@@ -596,20 +588,99 @@ func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery
 			dv.acker = ack
 			ack.received(d.DeliveryTag)
 		}
-		if handoff != nil {
-			handoff.Reset(c.Handoff)
+		if watch != nil {
+			watch.begin()
 		}
 		c.Handle(dv)
 		if ack != nil {
 			ack.handled(d.DeliveryTag)
 		}
-		if handoff != nil && !handoff.Stop() {
+		if watch != nil && watch.end() {
 			// The standby has taken over.
-			handoff = nil
 			if ack != nil {
 				ack.flush()
 			}
 			return
+		}
+	}
+}
+
+// handoffWatch tells a delivery loop's standby to take over when a Handle
+// outlasts the budget. It keeps no time per delivery: a timer ticks every
+// budget while deliveries come in (and rests after a budget without any),
+// and a Handle that is still running at the second tick after it began has
+// run for at least one budget (at most two). Setting a timer around every
+// delivery instead would wake the runtime's network poller thread each
+// time (setting a timer earlier than the poller sleeps for does that),
+// which slowed every request on two cores shared with the broker.
+type handoffWatch struct {
+	budget   time.Duration
+	takeover chan bool // true: take over; false: the loop ended without
+	timer    *time.Timer
+
+	epoch   atomic.Uint64 // ticks so far
+	began   atomic.Uint64 // epoch+1 when the running Handle began; 0: none runs
+	seen    atomic.Bool   // a Handle began since the last tick
+	ticking atomic.Bool
+	done    atomic.Bool // taken over, or the loop ended
+	mu      sync.Mutex  // tick and stop
+}
+
+func newHandoffWatch(budget time.Duration) *handoffWatch {
+	w := &handoffWatch{budget: budget, takeover: make(chan bool, 1)}
+	w.timer = time.AfterFunc(time.Hour, w.tick)
+	w.timer.Stop()
+	return w
+}
+
+// begin records that a Handle begins.
+func (w *handoffWatch) begin() {
+	w.began.Store(w.epoch.Load() + 1)
+	w.seen.Store(true)
+	if !w.ticking.Load() && w.ticking.CompareAndSwap(false, true) {
+		w.timer.Reset(w.budget)
+	}
+}
+
+// end records that the Handle returned; it reports whether the standby has
+// taken over meanwhile (the loop must then end).
+func (w *handoffWatch) end() bool {
+	w.began.Store(0)
+	return w.done.Load()
+}
+
+// stop ends the watch when its loop ends (unless it was taken over).
+func (w *handoffWatch) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done.CompareAndSwap(false, true) {
+		w.timer.Stop()
+		w.takeover <- false
+	}
+}
+
+// wait blocks the standby until it must take over (true) or the loop ended
+// (false).
+func (w *handoffWatch) wait() bool { return <-w.takeover }
+
+func (w *handoffWatch) tick() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done.Load() {
+		return
+	}
+	e := w.epoch.Add(1)
+	switch began := w.began.Load(); {
+	case began != 0 && began < e:
+		// Running since before the previous tick: a whole budget at least.
+		w.done.Store(true)
+		w.takeover <- true
+	case began != 0 || w.seen.Swap(false):
+		w.timer.Reset(w.budget) // deliveries come in: keep ticking
+	default:
+		w.ticking.Store(false) // a whole budget without one: rest
+		if w.seen.Load() && w.ticking.CompareAndSwap(false, true) {
+			w.timer.Reset(w.budget) // one began meanwhile
 		}
 	}
 }

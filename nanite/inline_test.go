@@ -291,3 +291,48 @@ func TestAcker(t *testing.T) {
 	a.flush()
 	expect()
 }
+
+// The handoff watch lets quick Handles be, hands over a long one within
+// about its budget, and stops ticking when deliveries stop.
+func TestHandoffWatch(t *testing.T) {
+	const budget = 5 * time.Millisecond
+	w := newHandoffWatch(budget)
+	took := make(chan bool, 1)
+	go func() { took <- w.wait() }()
+	for range 20 { // quick ones, for longer than several budgets
+		w.begin()
+		time.Sleep(budget / 5)
+		if w.end() {
+			t.Fatal("taken over after a quick Handle")
+		}
+	}
+	t0 := time.Now()
+	w.begin()
+	select {
+	case over := <-took:
+		if !over {
+			t.Fatal("wait reported the end of the loop")
+		}
+		if d := time.Since(t0); d < budget || d > 20*budget {
+			t.Fatalf("taken over after %v, budget %v", d, budget)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a long Handle was not handed over")
+	}
+	if !w.end() {
+		t.Fatal("end did not report the takeover")
+	}
+
+	// Idle: the timer rests; stop ends the standby's wait.
+	w2 := newHandoffWatch(budget)
+	w2.begin()
+	w2.end()
+	time.Sleep(4 * budget)
+	if w2.ticking.Load() {
+		t.Fatal("still ticking after two budgets without a delivery")
+	}
+	go w2.stop()
+	if w2.wait() {
+		t.Fatal("wait reported a takeover after stop")
+	}
+}
