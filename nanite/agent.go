@@ -464,7 +464,8 @@ func (a *Agent) handleDelivery(dv delivery) {
 	}
 
 	// Duplicates: a redelivered or retried request already handled here.
-	if cached, state := a.dedupe.check(p.Token, p.ReplyTo); p.Token != "" && state != dedupeNew {
+	// A new token is remembered as running from here on.
+	if cached, state := a.dedupe.checkBegin(p.Token, p.ReplyTo); p.Token != "" && state != dedupeNew {
 		a.stats.duplicates.Add(1)
 		a.log.Info("duplicate request", "token", p.Token, "service", p.Type, "done", state == dedupeDone)
 		if state == dedupeDone && cached != nil && p.ReplyTo != "" {
@@ -513,14 +514,12 @@ func (a *Agent) handleDelivery(dv delivery) {
 	a.stopMu.Lock()
 	if a.stopping {
 		a.stopMu.Unlock()
+		a.dedupe.forget(p.Token)
 		_ = d.Nack(true) // back to the queue for after the restart
 		return
 	}
 	a.handlers.Add(1)
 	a.stopMu.Unlock()
-	if p.Token != "" {
-		a.dedupe.begin(p.Token, p.ReplyTo)
-	}
 	a.inflight.Add(1)
 	r.p, r.sealTo = p, sealTo
 	if m.slow.Load() {
@@ -772,6 +771,15 @@ func newDedupe(max int) *dedupe {
 // check looks a token up. For a copy that arrives while the first one runs,
 // it remembers replyTo when it differs, so that done can answer it too.
 func (c *dedupe) check(token, replyTo string) ([]byte, dedupeState) {
+	return c.lookup(token, replyTo, false)
+}
+
+// checkBegin is check that also begins a token it does not know (dedupeNew).
+func (c *dedupe) checkBegin(token, replyTo string) ([]byte, dedupeState) {
+	return c.lookup(token, replyTo, true)
+}
+
+func (c *dedupe) lookup(token, replyTo string, begin bool) ([]byte, dedupeState) {
 	if token == "" {
 		return nil, dedupeNew
 	}
@@ -779,6 +787,9 @@ func (c *dedupe) check(token, replyTo string) ([]byte, dedupeState) {
 	defer c.mu.Unlock()
 	i, ok := c.m[token]
 	if !ok {
+		if begin {
+			c.insertLocked(token, replyTo)
+		}
 		return nil, dedupeNew
 	}
 	en := &c.ring[i]
@@ -801,6 +812,12 @@ func (c *dedupe) beginLocked(token, replyTo string) int {
 	if i, ok := c.m[token]; ok {
 		return i
 	}
+	return c.insertLocked(token, replyTo)
+}
+
+// insertLocked remembers a token that is not there, forgetting the oldest
+// when the ring is full.
+func (c *dedupe) insertLocked(token, replyTo string) int {
 	var i int
 	if len(c.ring) < c.max {
 		i = len(c.ring)
@@ -813,6 +830,20 @@ func (c *dedupe) beginLocked(token, replyTo string) int {
 	c.ring[i] = dedupeEntry{token: token, replyTo: replyTo}
 	c.m[token] = i
 	return i
+}
+
+// forget drops a token that began but will not run here (the agent is
+// stopping and gives the request back to the queue).
+func (c *dedupe) forget(token string) {
+	if token == "" {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if i, ok := c.m[token]; ok && !c.ring[i].done {
+		delete(c.m, token)
+		c.ring[i] = dedupeEntry{}
+	}
 }
 
 // done records the answer and returns the reply queues still waiting for it.

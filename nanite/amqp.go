@@ -335,8 +335,6 @@ type link struct {
 
 	mu        sync.Mutex
 	conn      *amqp.Connection
-	pub       *amqp.Channel // plain publishes
-	conf      *amqp.Channel // confirm mode, for persistent publishes
 	consChans []*amqp.Channel
 	consTags  []string
 	ready     chan struct{} // closed while connected
@@ -345,6 +343,9 @@ type link struct {
 
 	handlers sync.WaitGroup // delivery loops
 	lastExp  atomic.Pointer[expirationString]
+	// chans are the publishing channels while connected (nil while not):
+	// publishers read them without the mutex.
+	chans atomic.Pointer[pubChans]
 
 	failed  chan struct{} // closed when run gave up for good
 	failErr error         // why; guarded by mu
@@ -550,7 +551,8 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 		l.mu.Unlock()
 		return fail(ErrClosed)
 	}
-	l.conn, l.pub, l.conf, l.consChans, l.consTags = conn, pub, conf, consChans, consTags
+	l.conn, l.consChans, l.consTags = conn, consChans, consTags
+	l.chans.Store(&pubChans{pub: pub, conf: conf})
 	close(l.ready)
 	l.mu.Unlock()
 	return conn, closed, nil
@@ -735,7 +737,8 @@ func (l *link) markDown() {
 		l.ready = make(chan struct{})
 	default:
 	}
-	l.conn, l.pub, l.conf, l.consChans, l.consTags = nil, nil, nil, nil, nil
+	l.conn, l.consChans, l.consTags = nil, nil, nil
+	l.chans.Store(nil)
 }
 
 func (l *link) shutdown(conn *amqp.Connection) {
@@ -758,17 +761,11 @@ func (l *link) stopConsuming() {
 	}
 }
 
+// pubChans are a connection's publishing channels.
+type pubChans struct{ pub, conf *amqp.Channel }
+
 // connected reports whether the link is up right now.
-func (l *link) connected() bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	select {
-	case <-l.ready:
-		return true
-	default:
-		return false
-	}
-}
+func (l *link) connected() bool { return l.chans.Load() != nil }
 
 // awaitUp blocks until the link is connected, the broker refused it for
 // good, or ctx ends; then it says why not, naming the last connection
@@ -827,12 +824,13 @@ func (l *link) publish(ctx context.Context, m message) error {
 		pub.DeliveryMode = amqp.Persistent
 	}
 	for {
-		l.mu.Lock()
-		ch := l.pub
-		if m.Persistent {
-			ch = l.conf
+		var ch *amqp.Channel
+		if c := l.chans.Load(); c != nil {
+			ch = c.pub
+			if m.Persistent {
+				ch = c.conf
+			}
 		}
-		l.mu.Unlock()
 		if ch == nil {
 			if err := l.waitReady(ctx); err != nil {
 				return err
