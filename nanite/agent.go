@@ -186,31 +186,34 @@ func (a *Agent) AddActor(actor *Actor) {
 		if _, dup := a.methods[svc]; dup {
 			panic("nanite: service " + svc + " registered twice")
 		}
-		a.methods[svc] = &agentMethod{Method: m}
+		am := &agentMethod{Method: m}
+		am.slow.Store(true) // until a run shows it quick
+		a.methods[svc] = am
 	}
 }
 
 // Handlers run in the agent queue's delivery loop while they are quick
-// (quickHandler: their last run took no longer); a method whose handler
-// last took longer runs its next requests in goroutines of their own, as
-// every request did before, so that handlers that wait (on I/O, on other
-// services) still run up to Prefetch at once. A delivery that keeps the
-// loop longer than handoffBudget anyway (a quick method's first slow run)
-// makes it hand the consumer to a new loop within one or two budgets (see
-// consumerSpec.Handoff and handoffWatch): the budget is a compromise
-// between how long the requests behind such a run wait and how often the
-// watch's timer ticks (each tick costs a wakeup, which shows in the latency
-// of quick requests on a small machine).
+// (quickHandler: their last run took no longer); a method runs in
+// goroutines of its own, as every request did before, until a run shows it
+// quick and again after a run that was not, so that handlers that wait (on
+// I/O, on other services) still run up to Prefetch at once. When a quick
+// method's run keeps the loop longer than handoffBudget after all, the
+// loop hands the consumer to a new one within one or two budgets (see
+// consumerSpec.Handoff and handoffWatch). The budget weighs how long the
+// requests behind such a run wait against how often the watch's timer
+// ticks while requests come in: each tick costs a wakeup, and at 5 ms that
+// still made quick requests some 3% slower at one outstanding request on
+// two cores shared with the broker; at 20 ms it no longer showed.
 const (
 	quickHandler  = 200 * time.Microsecond
-	handoffBudget = 5 * time.Millisecond
+	handoffBudget = 20 * time.Millisecond
 )
 
 // agentMethod is a method as one agent serves it.
 type agentMethod struct {
 	*Method
-	// slow is set when the method's handler last took longer than
-	// quickHandler.
+	// slow is set until a run of the method's handler took at most
+	// quickHandler, and whenever one took longer.
 	slow atomic.Bool
 }
 

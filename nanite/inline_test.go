@@ -336,3 +336,52 @@ func TestHandoffWatch(t *testing.T) {
 		t.Fatal("wait reported a takeover after stop")
 	}
 }
+
+// A method that was quick and turns slow keeps the delivery loop only
+// until the handoff watch gives the consumer to a new loop.
+func TestQuickMethodTurningSlowIsHandedOver(t *testing.T) {
+	c := newCluster(t)
+	var calls atomic.Int64
+	release := make(chan struct{})
+	act := NewActor("turn").
+		Expose("maybe", func(ctx context.Context, r *Request) (any, error) {
+			if calls.Add(1) <= 5 {
+				return "quick", nil
+			}
+			select { // from the sixth call on
+			case <-release:
+				return "slow", nil
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}).
+		Expose("quick", func(ctx context.Context, r *Request) (any, error) { return "ok", nil })
+	c.agent(AgentConfig{}, act)
+	m, _ := c.mapper(MapperConfig{})
+	waitAgents(t, m, "/turn/maybe", 1)
+	for range 5 { // now known quick: the next call runs in the loop
+		if _, err := m.Request(t.Context(), "/turn/maybe", nil, WithTimeout(10*time.Second)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := m.Request(t.Context(), "/turn/quick", nil, WithTimeout(10*time.Second)); err != nil {
+		t.Fatal(err) // and so is this one
+	}
+	slow := make(chan error, 1)
+	go func() {
+		_, err := m.Request(t.Context(), "/turn/maybe", nil, WithTimeout(20*time.Second))
+		slow <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // it holds the loop now
+	t0 := time.Now()
+	if _, err := m.Request(t.Context(), "/turn/quick", nil, WithTimeout(10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(t0); d > 2*time.Second {
+		t.Fatalf("a quick request waited %v behind a slow run", d)
+	}
+	close(release)
+	if err := <-slow; err != nil {
+		t.Fatal(err)
+	}
+}
