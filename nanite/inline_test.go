@@ -313,8 +313,8 @@ func TestHandoffWatch(t *testing.T) {
 		if !over {
 			t.Fatal("wait reported the end of the loop")
 		}
-		if d := time.Since(t0); d < budget || d > 20*budget {
-			t.Fatalf("taken over after %v, budget %v", d, budget)
+		if d := time.Since(t0); d < budget {
+			t.Fatalf("taken over after %v, before the budget %v", d, budget)
 		}
 	case <-time.After(5 * time.Second):
 		t.Fatal("a long Handle was not handed over")
@@ -327,9 +327,10 @@ func TestHandoffWatch(t *testing.T) {
 	w2 := newHandoffWatch(budget)
 	w2.begin()
 	w2.end()
-	time.Sleep(4 * budget)
-	if w2.ticking.Load() {
-		t.Fatal("still ticking after two budgets without a delivery")
+	for end := time.Now().Add(5 * time.Second); w2.ticking.Load(); time.Sleep(budget) {
+		if time.Now().After(end) { // two budgets should do; the machine may be busy
+			t.Fatal("still ticking 5 s after the last delivery")
+		}
 	}
 	go w2.stop()
 	if w2.wait() {
