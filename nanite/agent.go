@@ -197,7 +197,9 @@ func addMethods(methods map[string]*agentMethod, actor *Actor) {
 		if _, dup := methods[svc]; dup {
 			panic("nanite: service " + svc + " registered twice")
 		}
-		methods[svc] = &agentMethod{Method: m}
+		am := &agentMethod{Method: m}
+		am.slow.Store(true) // until a run shows it quick
+		methods[svc] = am
 	}
 }
 
@@ -223,16 +225,28 @@ func (a *Agent) SetActors(actors ...*Actor) {
 	}
 }
 
-// inlineBudget is how long a delivery may keep the agent queue's delivery
-// loop before the loop hands the consumer to a new goroutine (see
-// consumerSpec.Handoff). A method whose handler last took longer runs its
-// next requests in goroutines of their own.
-const inlineBudget = time.Millisecond
+// Handlers run in the agent queue's delivery loop while they are quick
+// (quickHandler: their last run took no longer); a method runs in
+// goroutines of its own, as every request did before, until a run shows it
+// quick and again after a run that was not, so that handlers that wait (on
+// I/O, on other services) still run up to Prefetch at once. When a quick
+// method's run keeps the loop longer than handoffBudget after all, the
+// loop hands the consumer to a new one within one or two budgets (see
+// consumerSpec.Handoff and handoffWatch). The budget weighs how long the
+// requests behind such a run wait against how often the watch's timer
+// ticks while requests come in: each tick costs a wakeup, and at 5 ms that
+// still made quick requests some 3% slower at one outstanding request on
+// two cores shared with the broker; at 20 ms it no longer showed.
+const (
+	quickHandler  = 200 * time.Microsecond
+	handoffBudget = 20 * time.Millisecond
+)
 
 // agentMethod is a method as one agent serves it.
 type agentMethod struct {
 	*Method
-	// slow is set when the method's last run outlasted inlineBudget.
+	// slow is set until a run of the method's handler took at most
+	// quickHandler, and whenever one took longer.
 	slow atomic.Bool
 }
 
@@ -330,7 +344,7 @@ func (a *Agent) newAgentLink() *link {
 			return declareReplyQueue(t, a.id)
 		},
 		Consumers: []consumerSpec{
-			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery, Handoff: inlineBudget, BatchAcks: true},
+			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery, Handoff: handoffBudget, BatchAcks: true},
 			{Queue: ReplyQueue(a.id), AutoAck: true, Handle: a.handleReply},
 		},
 		OnConnect: func() { go a.register(a.linkCtx) },
@@ -427,7 +441,7 @@ func (a *Agent) heartbeat(ctx context.Context) {
 // handleDelivery runs for every message on the agent's queue, in the
 // consumer's delivery loop. It runs the handler there too, unless the
 // method was slow last time (then in a goroutine of its own); a handler that
-// turns out slow makes the loop hand the consumer over after inlineBudget.
+// turns out slow makes the loop hand the consumer over (handoffBudget).
 // Either way at most Prefetch handlers run at once.
 func (a *Agent) handleDelivery(dv delivery) {
 	// The run of a request holds the delivery and the packet: one
@@ -511,7 +525,8 @@ func (a *Agent) handleDelivery(dv delivery) {
 	}
 
 	// Duplicates: a redelivered or retried request already handled here.
-	if cached, state := a.dedupe.check(p.Token, p.ReplyTo); p.Token != "" && state != dedupeNew {
+	// A new token is remembered as running from here on.
+	if cached, state := a.dedupe.checkBegin(p.Token, p.ReplyTo); p.Token != "" && state != dedupeNew {
 		a.stats.duplicates.Add(1)
 		a.log.Info("duplicate request", "token", p.Token, "service", p.Type, "done", state == dedupeDone)
 		if state == dedupeDone && cached != nil && p.ReplyTo != "" {
@@ -560,14 +575,12 @@ func (a *Agent) handleDelivery(dv delivery) {
 	a.stopMu.Lock()
 	if a.stopping {
 		a.stopMu.Unlock()
+		a.dedupe.forget(p.Token)
 		_ = d.Nack(true) // back to the queue for after the restart
 		return
 	}
 	a.handlers.Add(1)
 	a.stopMu.Unlock()
-	if p.Token != "" {
-		a.dedupe.begin(p.Token, p.ReplyTo)
-	}
 	a.inflight.Add(1)
 	r.p, r.sealTo = p, sealTo
 	if sec != nil {
@@ -649,7 +662,7 @@ func (a *Agent) run(r *agentRun, svc string, m *agentMethod, deadline time.Time)
 	// handler is.
 	start := time.Now()
 	res, herr := a.call(&r.ctx, m.Method, &r.req)
-	m.slow.Store(time.Since(start) > inlineBudget)
+	m.slow.Store(time.Since(start) > quickHandler)
 	var payload json.RawMessage
 	var ebody *ErrorBody
 	if mr, ok := res.(MultiResult); ok && herr == nil {
@@ -883,6 +896,15 @@ func newDedupe(max int) *dedupe {
 // check looks a token up. For a copy that arrives while the first one runs,
 // it remembers replyTo when it differs, so that done can answer it too.
 func (c *dedupe) check(token, replyTo string) ([]byte, dedupeState) {
+	return c.lookup(token, replyTo, false)
+}
+
+// checkBegin is check that also begins a token it does not know (dedupeNew).
+func (c *dedupe) checkBegin(token, replyTo string) ([]byte, dedupeState) {
+	return c.lookup(token, replyTo, true)
+}
+
+func (c *dedupe) lookup(token, replyTo string, begin bool) ([]byte, dedupeState) {
 	if token == "" {
 		return nil, dedupeNew
 	}
@@ -890,6 +912,9 @@ func (c *dedupe) check(token, replyTo string) ([]byte, dedupeState) {
 	defer c.mu.Unlock()
 	i, ok := c.m[token]
 	if !ok {
+		if begin {
+			c.insertLocked(token, replyTo)
+		}
 		return nil, dedupeNew
 	}
 	en := &c.ring[i]
@@ -912,6 +937,12 @@ func (c *dedupe) beginLocked(token, replyTo string) int {
 	if i, ok := c.m[token]; ok {
 		return i
 	}
+	return c.insertLocked(token, replyTo)
+}
+
+// insertLocked remembers a token that is not there, forgetting the oldest
+// when the ring is full.
+func (c *dedupe) insertLocked(token, replyTo string) int {
 	var i int
 	if len(c.ring) < c.max {
 		i = len(c.ring)
@@ -924,6 +955,20 @@ func (c *dedupe) beginLocked(token, replyTo string) int {
 	c.ring[i] = dedupeEntry{token: token, replyTo: replyTo}
 	c.m[token] = i
 	return i
+}
+
+// forget drops a token that began but will not run here (the agent is
+// stopping and gives the request back to the queue).
+func (c *dedupe) forget(token string) {
+	if token == "" {
+		return
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if i, ok := c.m[token]; ok && !c.ring[i].done {
+		delete(c.m, token)
+		c.ring[i] = dedupeEntry{}
+	}
 }
 
 // done records the answer and returns the reply queues still waiting for it.

@@ -335,8 +335,6 @@ type link struct {
 
 	mu        sync.Mutex
 	conn      *amqp.Connection
-	pub       *amqp.Channel // plain publishes
-	conf      *amqp.Channel // confirm mode, for persistent publishes
 	consChans []*amqp.Channel
 	consTags  []string
 	ready     chan struct{} // closed while connected
@@ -345,6 +343,9 @@ type link struct {
 
 	handlers sync.WaitGroup // delivery loops
 	lastExp  atomic.Pointer[expirationString]
+	// chans are the publishing channels while connected (nil while not):
+	// publishers read them without the mutex.
+	chans atomic.Pointer[pubChans]
 
 	failed  chan struct{} // closed when run gave up for good
 	failErr error         // why; guarded by mu
@@ -550,7 +551,8 @@ func (l *link) connect() (*amqp.Connection, <-chan *amqp.Error, error) {
 		l.mu.Unlock()
 		return fail(ErrClosed)
 	}
-	l.conn, l.pub, l.conf, l.consChans, l.consTags = conn, pub, conf, consChans, consTags
+	l.conn, l.consChans, l.consTags = conn, consChans, consTags
+	l.chans.Store(&pubChans{pub: pub, conf: conf})
 	close(l.ready)
 	l.mu.Unlock()
 	return conn, closed, nil
@@ -560,31 +562,23 @@ func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery
 	defer l.handlers.Done()
 	// With a handoff, one loop at a time receives from ds. Each loop has a
 	// standby goroutine, started by the loop itself so that it inherits its
-	// pprof labels; when a Handle outlasts c.Handoff, a timer wakes the
-	// standby, which becomes the next loop, and this one ends after its
-	// Handle returns. At most one loop waits on ds, so the number of
-	// goroutines in Handle stays bounded by the deliveries in flight (the
-	// prefetch).
-	var handoff *time.Timer
+	// pprof labels; when a Handle outlasts c.Handoff, the loop's watch
+	// wakes the standby, which becomes the next loop, and this one ends
+	// after its Handle returns. At most one loop waits on ds, so the number
+	// of goroutines in Handle stays bounded by the deliveries in flight
+	// (the prefetch).
+	var watch *handoffWatch
 	if c.Handoff > 0 {
-		takeover, idle := make(chan struct{}), make(chan struct{})
+		watch = newHandoffWatch(c.Handoff)
 		l.handlers.Add(1) // this loop is counted, so the Add cannot race Wait
 		go func() {
-			select {
-			case <-takeover:
+			if watch.wait() {
 				l.handlers.Add(1)
 				l.deliver(ch, c, ds, ack)
-			case <-idle:
 			}
 			l.handlers.Done()
 		}()
-		handoff = time.AfterFunc(time.Hour, func() { close(takeover) })
-		handoff.Stop()
-		defer func() {
-			if handoff != nil {
-				close(idle)
-			}
-		}()
+		defer watch.stop()
 	}
 	for {
 		d, ok := l.next(ds, ack)
@@ -596,20 +590,99 @@ func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery
 			dv.acker = ack
 			ack.received(d.DeliveryTag)
 		}
-		if handoff != nil {
-			handoff.Reset(c.Handoff)
+		if watch != nil {
+			watch.begin()
 		}
 		c.Handle(dv)
 		if ack != nil {
 			ack.handled(d.DeliveryTag)
 		}
-		if handoff != nil && !handoff.Stop() {
+		if watch != nil && watch.end() {
 			// The standby has taken over.
-			handoff = nil
 			if ack != nil {
 				ack.flush()
 			}
 			return
+		}
+	}
+}
+
+// handoffWatch tells a delivery loop's standby to take over when a Handle
+// outlasts the budget. It keeps no time per delivery: a timer ticks every
+// budget while deliveries come in (and rests after a budget without any),
+// and a Handle that is still running at the second tick after it began has
+// run for at least one budget (at most two). Setting a timer around every
+// delivery instead would wake the runtime's network poller thread each
+// time (setting a timer earlier than the poller sleeps for does that),
+// which slowed every request on two cores shared with the broker.
+type handoffWatch struct {
+	budget   time.Duration
+	takeover chan bool // true: take over; false: the loop ended without
+	timer    *time.Timer
+
+	epoch   atomic.Uint64 // ticks so far
+	began   atomic.Uint64 // epoch+1 when the running Handle began; 0: none runs
+	seen    atomic.Bool   // a Handle began since the last tick
+	ticking atomic.Bool
+	done    atomic.Bool // taken over, or the loop ended
+	mu      sync.Mutex  // tick and stop
+}
+
+func newHandoffWatch(budget time.Duration) *handoffWatch {
+	w := &handoffWatch{budget: budget, takeover: make(chan bool, 1)}
+	w.timer = time.AfterFunc(time.Hour, w.tick)
+	w.timer.Stop()
+	return w
+}
+
+// begin records that a Handle begins.
+func (w *handoffWatch) begin() {
+	w.began.Store(w.epoch.Load() + 1)
+	w.seen.Store(true)
+	if !w.ticking.Load() && w.ticking.CompareAndSwap(false, true) {
+		w.timer.Reset(w.budget)
+	}
+}
+
+// end records that the Handle returned; it reports whether the standby has
+// taken over meanwhile (the loop must then end).
+func (w *handoffWatch) end() bool {
+	w.began.Store(0)
+	return w.done.Load()
+}
+
+// stop ends the watch when its loop ends (unless it was taken over).
+func (w *handoffWatch) stop() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done.CompareAndSwap(false, true) {
+		w.timer.Stop()
+		w.takeover <- false
+	}
+}
+
+// wait blocks the standby until it must take over (true) or the loop ended
+// (false).
+func (w *handoffWatch) wait() bool { return <-w.takeover }
+
+func (w *handoffWatch) tick() {
+	w.mu.Lock()
+	defer w.mu.Unlock()
+	if w.done.Load() {
+		return
+	}
+	e := w.epoch.Add(1)
+	switch began := w.began.Load(); {
+	case began != 0 && began < e:
+		// Running since before the previous tick: a whole budget at least.
+		w.done.Store(true)
+		w.takeover <- true
+	case began != 0 || w.seen.Swap(false):
+		w.timer.Reset(w.budget) // deliveries come in: keep ticking
+	default:
+		w.ticking.Store(false) // a whole budget without one: rest
+		if w.seen.Load() && w.ticking.CompareAndSwap(false, true) {
+			w.timer.Reset(w.budget) // one began meanwhile
 		}
 	}
 }
@@ -664,7 +737,8 @@ func (l *link) markDown() {
 		l.ready = make(chan struct{})
 	default:
 	}
-	l.conn, l.pub, l.conf, l.consChans, l.consTags = nil, nil, nil, nil, nil
+	l.conn, l.consChans, l.consTags = nil, nil, nil
+	l.chans.Store(nil)
 }
 
 func (l *link) shutdown(conn *amqp.Connection) {
@@ -687,17 +761,11 @@ func (l *link) stopConsuming() {
 	}
 }
 
+// pubChans are a connection's publishing channels.
+type pubChans struct{ pub, conf *amqp.Channel }
+
 // connected reports whether the link is up right now.
-func (l *link) connected() bool {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	select {
-	case <-l.ready:
-		return true
-	default:
-		return false
-	}
-}
+func (l *link) connected() bool { return l.chans.Load() != nil }
 
 // awaitUp blocks until the link is connected, the broker refused it for
 // good, or ctx ends; then it says why not, naming the last connection
@@ -756,12 +824,13 @@ func (l *link) publish(ctx context.Context, m message) error {
 		pub.DeliveryMode = amqp.Persistent
 	}
 	for {
-		l.mu.Lock()
-		ch := l.pub
-		if m.Persistent {
-			ch = l.conf
+		var ch *amqp.Channel
+		if c := l.chans.Load(); c != nil {
+			ch = c.pub
+			if m.Persistent {
+				ch = c.conf
+			}
 		}
-		l.mu.Unlock()
 		if ch == nil {
 			if err := l.waitReady(ctx); err != nil {
 				return err

@@ -289,14 +289,30 @@ var htmlSafe = func() (t [utf8.RuneSelf]bool) {
 	return t
 }()
 
+// safeByte is htmlSafe over all byte values (false from utf8.RuneSelf up).
+var safeByte = func() (t [256]bool) {
+	copy(t[:], htmlSafe[:])
+	return t
+}()
+
 // appendString appends s as a JSON string exactly as encoding/json does
 // with its default HTML escaping: short escapes for \b \f \n \r \t, \u00XX
 // for other control characters and <, >, &, \ufffd for each byte of invalid
 // UTF-8, and \u2028, \u2029.
 func appendString(b []byte, s string) []byte {
 	b = append(b, '"')
+	// Most strings (identities, tokens, queue names, services) need no
+	// escaping at all: find the first byte that does, or none.
+	i := 0
+	for i < len(s) && safeByte[s[i]] {
+		i++
+	}
+	if i == len(s) {
+		b = append(b, s...)
+		return append(b, '"')
+	}
 	start := 0
-	for i := 0; i < len(s); {
+	for i < len(s) {
 		c := s[i]
 		if c < utf8.RuneSelf {
 			if htmlSafe[c] {

@@ -29,6 +29,7 @@ func newDeadlines() *deadlines {
 
 // add schedules mc.expire at mc.deadline.
 func (d *deadlines) add(mc *mcall) {
+	mc.due = mc.deadline.UnixNano()
 	d.mu.Lock()
 	mc.slot = len(d.heap)
 	d.heap = append(d.heap, mc)
@@ -92,7 +93,7 @@ func (d *deadlines) removeAt(i int) {
 	}
 }
 
-func (d *deadlines) less(i, j int) bool { return d.heap[i].deadline.Before(d.heap[j].deadline) }
+func (d *deadlines) less(i, j int) bool { return d.heap[i].due < d.heap[j].due }
 
 func (d *deadlines) swap(i, j int) {
 	d.heap[i], d.heap[j] = d.heap[j], d.heap[i]

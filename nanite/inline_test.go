@@ -291,3 +291,98 @@ func TestAcker(t *testing.T) {
 	a.flush()
 	expect()
 }
+
+// The handoff watch lets quick Handles be, hands over a long one within
+// about its budget, and stops ticking when deliveries stop.
+func TestHandoffWatch(t *testing.T) {
+	const budget = 5 * time.Millisecond
+	w := newHandoffWatch(budget)
+	took := make(chan bool, 1)
+	go func() { took <- w.wait() }()
+	for range 20 { // quick ones, for longer than several budgets
+		w.begin()
+		time.Sleep(budget / 5)
+		if w.end() {
+			t.Fatal("taken over after a quick Handle")
+		}
+	}
+	t0 := time.Now()
+	w.begin()
+	select {
+	case over := <-took:
+		if !over {
+			t.Fatal("wait reported the end of the loop")
+		}
+		if d := time.Since(t0); d < budget {
+			t.Fatalf("taken over after %v, before the budget %v", d, budget)
+		}
+	case <-time.After(5 * time.Second):
+		t.Fatal("a long Handle was not handed over")
+	}
+	if !w.end() {
+		t.Fatal("end did not report the takeover")
+	}
+
+	// Idle: the timer rests; stop ends the standby's wait.
+	w2 := newHandoffWatch(budget)
+	w2.begin()
+	w2.end()
+	for end := time.Now().Add(5 * time.Second); w2.ticking.Load(); time.Sleep(budget) {
+		if time.Now().After(end) { // two budgets should do; the machine may be busy
+			t.Fatal("still ticking 5 s after the last delivery")
+		}
+	}
+	go w2.stop()
+	if w2.wait() {
+		t.Fatal("wait reported a takeover after stop")
+	}
+}
+
+// A method that was quick and turns slow keeps the delivery loop only
+// until the handoff watch gives the consumer to a new loop.
+func TestQuickMethodTurningSlowIsHandedOver(t *testing.T) {
+	c := newCluster(t)
+	var calls atomic.Int64
+	release := make(chan struct{})
+	act := NewActor("turn").
+		Expose("maybe", func(ctx context.Context, r *Request) (any, error) {
+			if calls.Add(1) <= 5 {
+				return "quick", nil
+			}
+			select { // from the sixth call on
+			case <-release:
+				return "slow", nil
+			case <-ctx.Done():
+				return nil, ctx.Err()
+			}
+		}).
+		Expose("quick", func(ctx context.Context, r *Request) (any, error) { return "ok", nil })
+	c.agent(AgentConfig{}, act)
+	m, _ := c.mapper(MapperConfig{})
+	waitAgents(t, m, "/turn/maybe", 1)
+	for range 5 { // now known quick: the next call runs in the loop
+		if _, err := m.Request(t.Context(), "/turn/maybe", nil, WithTimeout(10*time.Second)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, err := m.Request(t.Context(), "/turn/quick", nil, WithTimeout(10*time.Second)); err != nil {
+		t.Fatal(err) // and so is this one
+	}
+	slow := make(chan error, 1)
+	go func() {
+		_, err := m.Request(t.Context(), "/turn/maybe", nil, WithTimeout(20*time.Second))
+		slow <- err
+	}()
+	time.Sleep(50 * time.Millisecond) // it holds the loop now
+	t0 := time.Now()
+	if _, err := m.Request(t.Context(), "/turn/quick", nil, WithTimeout(10*time.Second)); err != nil {
+		t.Fatal(err)
+	}
+	if d := time.Since(t0); d > 2*time.Second {
+		t.Fatalf("a quick request waited %v behind a slow run", d)
+	}
+	close(release)
+	if err := <-slow; err != nil {
+		t.Fatal(err)
+	}
+}

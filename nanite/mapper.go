@@ -108,7 +108,8 @@ type mcall struct {
 	sentTo   idSet // agents holding the request now (for pending accounting)
 	viaQueue bool  // sent to the failsafe queue, answered by a mapper daemon
 	deadline time.Time
-	slot     int // in the mapper's deadlines heap; -1 when not in it
+	due      int64 // deadline in Unix nanoseconds, for the heap's comparisons
+	slot     int   // in the mapper's deadlines heap; -1 when not in it
 
 	// Most requests go to one agent: their sets need no allocation.
 	expectBuf, triedBuf, sentToBuf [1]string
