@@ -124,6 +124,7 @@ func (e *Endpoint) Call(ctx context.Context, to jid.JID, op string, payload json
 	el := Element{Kind: KindOp, Token: newID(), Type: op, Scope: o.scope, Payload: payload, Meta: o.meta}
 	el.Meta.Seq, el.Meta.Intermediate, el.Meta.Key = 0, false, ""
 	el.Meta.Batch = !e.cfg.NoBatch
+	el.Meta.Compact = el.Meta.Batch && !e.cfg.NoCompact
 	el.Meta.Timeout = max(time.Until(deadline), time.Millisecond)
 	first, err := el.AppendTokens(nil) // sent first; an error is the payload's
 	if err != nil {

@@ -94,6 +94,10 @@ type Meta struct {
 	// stanzas folded into <batch> elements (attribute batch="1"); see
 	// Batch.
 	Batch bool
+	// Compact, on an op that also has Batch, says that the caller accepts
+	// the echo of a quick op as one <done> element (attribute
+	// compact="1"); see AppendDone.
+	Compact bool
 	// Agent, on a data, names the agent that produced it (attribute
 	// agent): a cluster answering for several agents (selector all) says
 	// which one gave which result.
@@ -116,7 +120,7 @@ type Hop struct {
 
 func (m *Meta) isZero() bool {
 	return m.Timeout == 0 && m.RequestID == "" && m.Selector == "" && len(m.Tags) == 0 &&
-		len(m.Hops) == 0 && m.Signature == nil && m.Certificate == nil && m.Origin == nil && m.Seq == 0 && !m.Intermediate && !m.Batch && m.Agent == "" && !m.Failed && !m.Persistent
+		len(m.Hops) == 0 && m.Signature == nil && m.Certificate == nil && m.Origin == nil && m.Seq == 0 && !m.Intermediate && !m.Batch && !m.Compact && m.Agent == "" && !m.Failed && !m.Persistent
 }
 
 // ErrorBody is the payload of a nack or error: {"code": ..., "message": ...}.
@@ -179,6 +183,9 @@ func (m *Meta) appendTokens(toks []xml.Token) []xml.Token {
 	}
 	if m.Batch {
 		attr("batch", "1")
+	}
+	if m.Compact {
+		attr("compact", "1")
 	}
 	if m.Agent != "" {
 		attr("agent", m.Agent)
@@ -330,6 +337,8 @@ func (m *Meta) decode(r xml.TokenReader, start xml.StartElement) error {
 			m.Selector = a.Value
 		case "batch":
 			m.Batch = a.Value == "1" || a.Value == "true"
+		case "compact":
+			m.Compact = a.Value == "1" || a.Value == "true"
 		case "agent":
 			m.Agent = a.Value
 		case "failed":

@@ -171,3 +171,106 @@ func TestDecodeElementTruncated(t *testing.T) {
 		t.Errorf("truncated: %v", err)
 	}
 }
+
+// The compact echo: what AppendDone writes DecodeDone reads back as the
+// elements it stands for; malformed ones are refused as bad requests.
+func TestDone(t *testing.T) {
+	render := func(toks []xml.Token) string {
+		var b bytes.Buffer
+		e := xml.NewEncoder(&b)
+		for _, tk := range toks {
+			if err := e.EncodeToken(tk); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := e.Flush(); err != nil {
+			t.Fatal(err)
+		}
+		return b.String()
+	}
+	decode := func(text string, lim values.Limits) ([]*Element, error) {
+		d := xml.NewDecoder(strings.NewReader(text))
+		for {
+			tok, err := d.Token()
+			if err != nil {
+				return nil, err
+			}
+			if st, ok := tok.(xml.StartElement); ok {
+				return DecodeDone(d, st, lim)
+			}
+		}
+	}
+	describeAll := func(els []*Element) string {
+		var s []string
+		for _, el := range els {
+			s = append(s, describeElement(el)+" "+el.Token)
+		}
+		return strings.Join(s, "; ")
+	}
+	payload := `{"s":"<&>\"\u2028","n":[1.50,-0,1e400],"t":"x",	
+"nl":"a\nb"}`
+	els, err := decode(render(AppendDone(nil, "T:S", "", json.RawMessage(payload))), values.Limits{})
+	if want := `op T:S; ack seq=1 T:S; data seq=2 ` + payload + ` T:S; final seq=3 T:S`; err != nil || describeAll(els) != want {
+		t.Errorf("round trip: %v\n got %s\nwant %s", err, describeAll(els), want)
+	}
+	els, err = decode(render(AppendDone(nil, "T:S", "app@x.test/a1", json.RawMessage(`1`))), values.Limits{})
+	if err != nil || len(els) != 4 || els[2].Meta.Agent != "app@x.test/a1" || string(els[2].Payload) != "1" {
+		t.Errorf("with an agent: %v %s", err, describeAll(els))
+	}
+	els, err = decode(render(AppendDone(nil, "T:S", "", nil)), values.Limits{})
+	if want := `op T:S; ack seq=1 T:S; final seq=2 T:S`; err != nil || describeAll(els) != want {
+		t.Errorf("without a result: %v %s", err, describeAll(els))
+	}
+	for _, c := range []struct{ name, text string }{
+		{"no token", `<done xmlns='urn:nanite:op:0'>1</done>`},
+		{"long token", `<done xmlns='urn:nanite:op:0' token='` + strings.Repeat("x", 300) + `'>1</done>`},
+		{"not JSON", `<done xmlns='urn:nanite:op:0' token='T:S'>{"a":</done>`},
+		{"two values", `<done xmlns='urn:nanite:op:0' token='T:S'>1 2</done>`},
+		{"child element", `<done xmlns='urn:nanite:op:0' token='T:S'><string xmlns='http://xmlschema.engineyard.com/agent/api'>x</string></done>`},
+		{"too deep", `<done xmlns='urn:nanite:op:0' token='T:S'>` + strings.Repeat("[", 65) + strings.Repeat("]", 65) + `</done>`},
+		{"too long", `<done xmlns='urn:nanite:op:0' token='T:S'>"` + strings.Repeat("x", 100) + `"</done>`},
+		{"cut short", `<done xmlns='urn:nanite:op:0' token='T:S'>[1,`},
+	} {
+		lim := values.Limits{}
+		if c.name == "too long" {
+			lim.MaxBytes = 64
+		}
+		if _, err := decode(c.text, lim); !errors.Is(err, ErrBadRequest) {
+			t.Errorf("%s: %v, want a bad request", c.name, err)
+		}
+	}
+	// Depth is counted outside strings only.
+	if _, err := decode(`<done xmlns='urn:nanite:op:0' token='T:S'>"`+strings.Repeat("[{", 100)+`\""</done>`, values.Limits{}); err != nil {
+		t.Errorf("brackets inside a string: %v", err)
+	}
+
+	// What may be compacted: plain ack, one result, final, with XML-safe JSON.
+	ack, fin := &Element{Kind: KindAck, Meta: Meta{Seq: 1}}, &Element{Kind: KindFinal, Meta: Meta{Seq: 3}}
+	data := func(p string, m Meta) *Element {
+		m.Seq = 2
+		return &Element{Kind: KindData, Payload: json.RawMessage(p), Meta: m}
+	}
+	for _, c := range []struct {
+		name string
+		els  []*Element
+		ok   bool
+	}{
+		{"result", []*Element{ack, data(`"x"`, Meta{}), fin}, true},
+		{"no result", []*Element{ack, fin}, true},
+		{"intermediate", []*Element{ack, data(`1`, Meta{Intermediate: true, Key: "k"}), fin}, false},
+		{"named agent", []*Element{ack, data(`1`, Meta{Agent: "a@b/c"}), fin}, true},
+		{"failed agent", []*Element{ack, data(`{}`, Meta{Agent: "a", Failed: true}), fin}, false},
+		{"signed", []*Element{ack, data(`1`, Meta{Signature: []byte{1}}), fin}, false},
+		{"carriage return", []*Element{ack, data("[1,\r2]", Meta{}), fin}, false},
+		{"U+FFFF", []*Element{ack, data("\"\uffff\"", Meta{}), fin}, false},
+		{"control character", []*Element{ack, data("\"\x01\"", Meta{}), fin}, false},
+		{"invalid UTF-8", []*Element{ack, data("\"\xff\"", Meta{}), fin}, false},
+		{"two results", []*Element{ack, data(`1`, Meta{}), data(`2`, Meta{}), fin}, false},
+		{"error", []*Element{ack, {Kind: KindError, Payload: errorPayload("c", "m")}}, false},
+		{"nack", []*Element{{Kind: KindNack, Payload: errorPayload("c", "m")}}, false},
+	} {
+		if _, _, ok := compactDone(c.els); ok != c.ok {
+			t.Errorf("%s: compact %v, want %v", c.name, ok, c.ok)
+		}
+	}
+}

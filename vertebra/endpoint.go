@@ -66,6 +66,9 @@ type Config struct {
 	// NoBatch makes calls without offering batching (as a plain Vertebra
 	// peer would).
 	NoBatch bool
+	// NoCompact makes calls offer batching but not the compact echo
+	// <done> (as a peer that predates it would; see AppendDone).
+	NoCompact bool
 	// Limits bound the typed values accepted (values.DefaultLimits).
 	Limits values.Limits
 	// Features adds disco#info features (see ServiceFeature).
@@ -478,6 +481,16 @@ func (h respHandler) HandleIQ(iq stanza.IQ, t xmlstream.TokenReadEncoder, start 
 		if len(els) > 1 {
 			e.deliverEvents(iq.From, "", els[1:])
 		}
+	case start != nil && start.Name == doneName:
+		// The compact echo of a quick op (AppendDone).
+		els, err := DecodeDone(t, *start, e.cfg.Limits)
+		if err != nil {
+			e.log.Debug("vertebra: bad done in an op's result", "from", iq.From, "err", err)
+			r.err = &StanzaError{From: iq.From, Err: stanza.Error{Type: stanza.Cancel, Condition: stanza.BadRequest}}
+			break
+		}
+		r.token = els[0].Token
+		e.deliverEvents(iq.From, "", els[1:])
 	}
 	p.deliver(r)
 	return nil

@@ -32,6 +32,10 @@ func streamHandler(runs *atomic.Int64) OpHandler {
 				}
 			}
 			return w.Data(ctx, json.RawMessage(`"done"`))
+		case "/test/raw": // a result whose JSON has a carriage return between values
+			return w.Data(ctx, json.RawMessage("[1,\r2]"))
+		case "/test/none": // no result: ack and final
+			return nil
 		case "/test/fail":
 			if err := w.Ack(ctx); err != nil {
 				return err

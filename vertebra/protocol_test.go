@@ -32,6 +32,8 @@ type rawPeer struct {
 	in   chan rawIn
 	// confirm decides whether to answer a received IQ-set (nil: always).
 	confirm func(el *Element, id string) bool
+	// lastDone: the last answer to sendTokensBatch was a compact <done>.
+	lastDone bool
 }
 
 type rawIn struct {
@@ -118,7 +120,16 @@ func (rp *rawPeer) sendTokensBatch(t *testing.T, to jid.JID, id string, payload 
 		if st, ok := tok.(xml.StartElement); ok && st.Name.Local == "op" {
 			return attrValue(st.Attr, "token"), nil, nil
 		}
+		if st, ok := tok.(xml.StartElement); ok && st.Name.Local == "done" {
+			rp.lastDone = true
+			els, err := DecodeDone(resp, st, values.Limits{})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return els[0].Token, els[1:], nil
+		}
 		if st, ok := tok.(xml.StartElement); ok && st.Name.Local == "batch" {
+			rp.lastDone = false
 			els, err := DecodeBatch(resp, st, values.Limits{})
 			if err != nil {
 				t.Fatal(err)
@@ -439,6 +450,44 @@ func TestHeldEcho(t *testing.T) {
 	case in := <-rp.in:
 		t.Errorf("unexpected IQ-set %s", in.el.Kind)
 	case <-time.After(100 * time.Millisecond):
+	}
+
+	// A caller that accepts the compact echo gets a quick op's result as one
+	// <done>, and the same for a duplicate; an op with more than one
+	// result, a result without a payload, or a payload that XML text would
+	// change still come as a batch.
+	compact := func(token, typ string, payload string) (string, []*Element, bool) {
+		t.Helper()
+		op := &Element{Kind: KindOp, Token: token, Type: typ, Meta: Meta{Batch: true, Compact: true}}
+		if payload != "" {
+			op.Payload = json.RawMessage(payload)
+		}
+		toks, err := op.AppendTokens(nil)
+		if err != nil {
+			t.Fatal(err)
+		}
+		tok, els, err := rp.sendTokensBatch(t, to, "id-"+token, toks)
+		if err != nil || !strings.HasPrefix(tok, token+":") {
+			t.Fatalf("%s: echo %q, %v", typ, tok, err)
+		}
+		return tok, els, rp.lastDone
+	}
+	tokC, els, done := compact("C1", "/test/echo", `{"a":[1,"x",null],"b":{"c":true}}`)
+	if want := `ack seq=1; data seq=2 {"a":[1,"x",null],"b":{"c":true}}; final seq=3`; !done || describe(els) != want {
+		t.Errorf("compact echo: done %v, %s; want %s", done, describe(els), want)
+	}
+	tokC2, els2, done2 := compact("C1", "/test/echo", `{"a":[1,"x",null],"b":{"c":true}}`)
+	if tokC2 != tokC || !done2 || describe(els2) != describe(els) {
+		t.Errorf("duplicate of a compact echo: %q done %v %s", tokC2, done2, describe(els2))
+	}
+	if _, els, done := compact("C2", "/test/stream", ""); done || describe(els) != want {
+		t.Errorf("streamed op with compact offered: done %v, %s", done, describe(els))
+	}
+	if _, els, done := compact("C3", "/test/raw", `[1,`+"\r"+`2]`); done || describe(els) != `ack seq=1; data seq=2 [1,2]; final seq=3` {
+		t.Errorf("payload with a carriage return: done %v, %s", done, describe(els))
+	}
+	if _, els, done := compact("C4", "/test/none", ""); !done || describe(els) != `ack seq=1; final seq=2` {
+		t.Errorf("op without a result: done %v, %s", done, describe(els))
 	}
 
 	// A slow op: the echo leaves after Hold; the rest comes as IQ-sets.

@@ -59,6 +59,8 @@ type served struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 	batch  bool // the caller accepts batches
+	// compact: the caller accepts the compact echo <done>.
+	compact bool
 
 	// echoMu guards the echo: a component holds it back (echoHeld) to
 	// send the op's first stanzas in it; echoEls are the stanzas it
@@ -80,6 +82,11 @@ type served struct {
 // the stanzas the echo carried, or the bare echo. s.echoMu is held.
 func (s *served) echoLocked() []xml.Token {
 	if len(s.echoEls) > 0 {
+		if s.compact {
+			if p, agent, ok := compactDone(s.echoEls); ok {
+				return AppendDone(nil, s.req.Token, agent, p)
+			}
+		}
 		op := &Element{Kind: KindOp, Token: s.req.Token, Type: s.req.Type}
 		if toks, err := AppendBatch(nil, append([]*Element{op}, s.echoEls...)); err == nil {
 			return toks
@@ -141,6 +148,7 @@ func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEnco
 		local: iq.To,
 		batch: el.Meta.Batch && e.cfg.Hold > 0,
 	}
+	s.compact = s.batch && el.Meta.Compact
 	// A component may answer an IQ later (a client's session answers one
 	// left unanswered with an error at once): hold the echo back to send
 	// the op's first stanzas, often all of them, in it.
