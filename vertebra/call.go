@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"encoding/xml"
+	"errors"
 	"fmt"
 	"time"
 
@@ -126,9 +127,14 @@ func (e *Endpoint) Call(ctx context.Context, to jid.JID, op string, payload json
 	el.Meta.Batch = !e.cfg.NoBatch
 	el.Meta.Compact = el.Meta.Batch && !e.cfg.NoCompact
 	el.Meta.Timeout = max(time.Until(deadline), time.Millisecond)
-	first, err := el.AppendTokens(nil) // sent first; an error is the payload's
-	if err != nil {
-		return nil, fmt.Errorf("vertebra: op %s: %w", op, err)
+	// A peer known to read <call> gets the op that way (see AppendCall).
+	asCall := el.Meta.Compact && e.knowsCompact(to) && compactOp(&el)
+	var first []xml.Token
+	if !asCall {
+		var err error
+		if first, err = el.AppendTokens(nil); err != nil { // sent first; an error is the payload's
+			return nil, fmt.Errorf("vertebra: op %s: %w", op, err)
+		}
 	}
 	c := &call{to: to, opID: newID(), notify: make(chan struct{}, 1), seen: map[string]struct{}{}}
 	e.mu.Lock()
@@ -146,11 +152,29 @@ func (e *Endpoint) Call(ctx context.Context, to jid.JID, op string, payload json
 		}
 		m := el
 		m.Meta.Timeout = max(time.Until(deadline), time.Millisecond)
+		if asCall {
+			return iqTokens(c.opID, from, to, AppendCall(nil, &m))
+		}
 		toks, _ := m.AppendTokens(nil)
 		return iqTokens(c.opID, from, to, toks)
 	}
 	p := e.start(ctx, to, c.opID, build)
-	if _, err := e.wait(ctx, p, false); err != nil {
+	_, err := e.wait(ctx, p, false)
+	var se *StanzaError
+	if err != nil && asCall && errors.As(err, &se) && se.Err.Type == stanza.Cancel &&
+		(se.Err.Condition == stanza.ServiceUnavailable || se.Err.Condition == stanza.FeatureNotImplemented ||
+			se.Err.Condition == stanza.BadRequest) {
+		// An older peer that does not read <call>: the op again, as <op>.
+		e.log.Debug("vertebra: peer refused <call>, sending <op>", "to", to, "err", err)
+		e.forgetCompact(to)
+		asCall = false
+		if first, err = el.AppendTokens(nil); err != nil {
+			return nil, fmt.Errorf("vertebra: op %s: %w", op, err)
+		}
+		p = e.start(ctx, to, c.opID, build)
+		_, err = e.wait(ctx, p, false)
+	}
+	if err != nil {
 		return nil, e.callErr(ctx, err, to, op, "the op's echo")
 	}
 	return e.collect(ctx, c, &o, op)

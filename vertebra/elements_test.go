@@ -7,6 +7,7 @@ import (
 	"errors"
 	"io"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -271,6 +272,76 @@ func TestDone(t *testing.T) {
 	} {
 		if _, _, ok := compactDone(c.els); ok != c.ok {
 			t.Errorf("%s: compact %v, want %v", c.name, ok, c.ok)
+		}
+	}
+}
+
+// TestCallElement: what AppendCall writes DecodeCall reads back; malformed
+// ones are bad requests; what compactOp leaves as <op>.
+func TestCallElement(t *testing.T) {
+	decode := func(text string) (*Element, error) {
+		d := xml.NewDecoder(strings.NewReader(text))
+		for {
+			tok, err := d.Token()
+			if err != nil {
+				return nil, err
+			}
+			if st, ok := tok.(xml.StartElement); ok {
+				return DecodeCall(d, st, values.Limits{})
+			}
+		}
+	}
+	at := time.Date(2026, 11, 26, 1, 2, 3, 4, time.UTC)
+	op := &Element{Kind: KindOp, Token: "T", Type: "/a/b", Scope: ScopeSingle, Payload: json.RawMessage(`[1,{"a":"<x>"}]`),
+		Meta: Meta{Timeout: 1500 * time.Millisecond, RequestID: "r", Selector: "all", Persistent: true, Batch: true, Compact: true,
+			Hops: []Hop{{By: "b1.test", At: at}, {By: "b2.test"}}}}
+	if !compactOp(op) {
+		t.Fatal("a plain op is not compacted")
+	}
+	var b bytes.Buffer
+	enc := xml.NewEncoder(&b)
+	for _, tk := range AppendCall(nil, op) {
+		if err := enc.EncodeToken(tk); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := enc.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	got, err := decode(b.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, op) {
+		t.Errorf("round trip of %s:\n got %+v\nwant %+v", b.String(), got, op)
+	}
+	for _, c := range []struct{ name, text string }{
+		{"no token", `<call xmlns='urn:nanite:op:0' type='/a/b'/>`},
+		{"no type", `<call xmlns='urn:nanite:op:0' token='T'/>`},
+		{"odd hops", `<call xmlns='urn:nanite:op:0' token='T' type='/a/b' hops='b1.test'/>`},
+		{"bad hop time", `<call xmlns='urn:nanite:op:0' token='T' type='/a/b' hops='b1.test yesterday'/>`},
+		{"bad deadline", `<call xmlns='urn:nanite:op:0' token='T' type='/a/b' deadline-ms='-5'/>`},
+		{"not JSON", `<call xmlns='urn:nanite:op:0' token='T' type='/a/b'>{</call>`},
+		{"child element", `<call xmlns='urn:nanite:op:0' token='T' type='/a/b'><meta/></call>`},
+		{"long type", `<call xmlns='urn:nanite:op:0' token='T' type='` + strings.Repeat("a", 300) + `'/>`},
+	} {
+		if _, err := decode(c.text); !errors.Is(err, ErrBadRequest) {
+			t.Errorf("%s: %v, want a bad request", c.name, err)
+		}
+	}
+	for name, m := range map[string]func(*Element){
+		"tags":                      func(e *Element) { e.Meta.Tags = []string{"eu"} },
+		"signature":                 func(e *Element) { e.Meta.Signature = []byte{1} },
+		"certificate":               func(e *Element) { e.Meta.Certificate = []byte{1} },
+		"origin":                    func(e *Element) { e.Meta.Origin = []byte{1} },
+		"hop by a JID with a space": func(e *Element) { e.Meta.Hops = []Hop{{By: "a@b/c d"}} },
+		"payload with a CR":         func(e *Element) { e.Payload = json.RawMessage("[1,\r2]") },
+	} {
+		e := *op
+		e.Meta.Hops = slices.Clone(op.Meta.Hops)
+		m(&e)
+		if compactOp(&e) {
+			t.Errorf("%s: compacted", name)
 		}
 	}
 }

@@ -140,6 +140,12 @@ type Endpoint struct {
 	served    map[opKey]*served   // incoming ops by (sender, token)
 	lastSweep time.Time
 
+	// compactPeers are the bare JIDs that answered an op with <done>
+	// (true: they read <call> too, see AppendCall) and those that then
+	// refused a <call> (false: not learnt again).
+	compactPeers sync.Map // string → bool
+	compactN     atomic.Int64
+
 	rtt     rttEstimator
 	running atomic.Int64 // incoming ops running
 	// finished lists finished ops oldest first, for MaxRemembered.
@@ -234,12 +240,38 @@ func (e *Endpoint) Handle() mux.Option {
 	return func(m *mux.ServeMux) {
 		mux.IQ(stanza.SetIQ, xml.Name{Space: NS}, setHandler{e})(m)
 		mux.IQ(stanza.SetIQ, xml.Name{Space: NSMeta, Local: "batch"}, setHandler{e})(m)
+		mux.IQ(stanza.SetIQ, callName, setHandler{e})(m)
 		mux.IQ(stanza.ResultIQ, xml.Name{}, respHandler{e})(m)
 		mux.IQ(stanza.ErrorIQ, xml.Name{}, respHandler{e})(m)
 	}
 }
 
 func newID() string { return rand.Text() }
+
+// maxCompactPeers bounds the peers remembered as reading <call>; past it
+// the memory starts over (ops go as <op> until each answers with <done>
+// again).
+const maxCompactPeers = 10000
+
+func (e *Endpoint) knowsCompact(to jid.JID) bool {
+	v, _ := e.compactPeers.Load(to.Bare().String())
+	return v == true
+}
+
+func (e *Endpoint) learnCompact(from jid.JID) {
+	k := from.Bare().String()
+	if _, ok := e.compactPeers.Load(k); ok {
+		return
+	}
+	if e.compactN.Add(1) > maxCompactPeers {
+		e.compactPeers.Clear()
+		e.compactN.Store(1)
+	}
+	e.compactPeers.Store(k, true)
+}
+
+// forgetCompact marks to as not reading <call> (it refused one).
+func (e *Endpoint) forgetCompact(to jid.JID) { e.compactPeers.Store(to.Bare().String(), false) }
 
 // --- sending with confirmation and resends --------------------------------
 
@@ -490,6 +522,9 @@ func (h respHandler) HandleIQ(iq stanza.IQ, t xmlstream.TokenReadEncoder, start 
 			break
 		}
 		r.token = els[0].Token
+		if !e.cfg.NoCompact {
+			e.learnCompact(p.to) // before the call can end and another begin
+		}
 		e.deliverEvents(iq.From, "", els[1:])
 	}
 	p.deliver(r)
@@ -535,7 +570,11 @@ func (h setHandler) HandleIQ(iq stanza.IQ, t xmlstream.TokenReadEncoder, start *
 	}
 	var els []*Element
 	var err error
-	if start.Name.Space == NSMeta {
+	if start.Name == callName {
+		var el *Element
+		el, err = DecodeCall(t, *start, e.cfg.Limits)
+		els = []*Element{el}
+	} else if start.Name.Space == NSMeta {
 		els, err = DecodeBatch(t, *start, e.cfg.Limits)
 		if err == nil && els[0].Kind == KindOp {
 			err = badRequest("an op in a <batch>")
