@@ -411,3 +411,35 @@ func TestIdentityPersistsInDataDir(t *testing.T) {
 		t.Fatal("an invalid stored identity was accepted")
 	}
 }
+
+// A broker that falls silent with its connections open (frozen: no frames,
+// no heartbeats, no TCP close) is noticed by the AMQP heartbeat deadline:
+// the mapper reports itself disconnected within seconds, and agent and
+// mapper carry on once the broker answers again.
+func TestSilentBroker(t *testing.T) {
+	r := testenv.RunRabbitMQ(t, testenv.RabbitOptions{Name: "silent"})
+	c := &cluster{t: t, url: r.URL()}
+	m, _ := c.mapper(MapperConfig{AgentTimeout: time.Minute})
+	c.agent(AgentConfig{}, testActor(new(string), nil))
+	waitAgents(t, m, "/echo/slow", 1)
+	// (Consumers start before the link says it is up.)
+	eventually(t, "the mapper is connected", 10*time.Second, m.Connected)
+	if err := r.Freeze(); err != nil {
+		t.Fatal(err)
+	}
+	// Cleanups run last first: thaw before the mapper and agent close
+	// (closing waits for the broker's answer).
+	t.Cleanup(func() { _ = r.Thaw() })
+	t0 := time.Now()
+	// The read deadline is 1.5 AMQP heartbeats (5 s): 7.5 s, and at most a
+	// quarter more since it was last moved.
+	eventually(t, "the mapper notices the silent broker", 30*time.Second, func() bool { return !m.Connected() })
+	t.Logf("silence noticed after %v", time.Since(t0).Round(100*time.Millisecond))
+	if err := r.Thaw(); err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, "requests succeed once the broker answers again", 60*time.Second, func() bool {
+		_, err := m.Request(t.Context(), "/echo/slow", 1, WithTimeout(2*time.Second))
+		return err == nil
+	})
+}

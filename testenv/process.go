@@ -77,6 +77,18 @@ func (p *proc) signal(sig syscall.Signal) error {
 	return nil
 }
 
+// signalGroup sends sig to the process group.
+func (p *proc) signalGroup(sig syscall.Signal) error {
+	if p.exited() {
+		return nil
+	}
+	pid := p.cmd.Process.Pid
+	if err := syscall.Kill(-pid, sig); err != nil && !errors.Is(err, syscall.ESRCH) {
+		return fmt.Errorf("testenv: %v to process group %d: %w", sig, pid, err)
+	}
+	return nil
+}
+
 // killGroup sends SIGKILL to the process group and waits up to 10 s for the
 // process to be reaped.
 func (p *proc) killGroup() error {

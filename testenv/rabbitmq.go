@@ -371,6 +371,7 @@ func (r *RabbitMQ) Stop(ctx context.Context) error {
 	if p == nil || p.exited() {
 		return nil
 	}
+	_ = p.signalGroup(syscall.SIGCONT) // a frozen node cannot stop
 	begin := time.Now()
 	if r.opts.Management {
 		// RabbitMQ 3.10 spends 5 s of its shutdown in the management agent's
@@ -401,6 +402,32 @@ func (r *RabbitMQ) Restart(ctx context.Context) error {
 		return err
 	}
 	return r.Start(ctx)
+}
+
+// Freeze stops the node's processes (SIGSTOP to its process group) without
+// closing anything: its connections stay open and silent, as a broker that
+// hangs or a network that drops everything. Thaw resumes it; Stop, Kill and
+// Close thaw it first.
+func (r *RabbitMQ) Freeze() error {
+	p := r.current()
+	if p == nil {
+		return fmt.Errorf("testenv: %s is not running", r)
+	}
+	if err := p.signalGroup(syscall.SIGSTOP); err != nil {
+		return err
+	}
+	r.log.Info("testenv: rabbitmq node frozen", "node", r.node)
+	return nil
+}
+
+// Thaw resumes a frozen node (SIGCONT); on a node not frozen it does
+// nothing.
+func (r *RabbitMQ) Thaw() error {
+	p := r.current()
+	if p == nil {
+		return nil
+	}
+	return p.signalGroup(syscall.SIGCONT)
 }
 
 // Kill crashes the node: SIGKILL to its process group (the Erlang VM and the
