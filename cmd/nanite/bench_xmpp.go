@@ -53,6 +53,7 @@ type BenchXMPPOptions struct {
 	CPUProfile  string
 	Hold        time.Duration
 	NoBatch     bool
+	NoCompact   bool
 	Retry       time.Duration
 }
 
@@ -105,6 +106,7 @@ These are measurements, not assertions.`,
 	fl.BoolVar(&opts.JSON, "json", false, "print the report as JSON")
 	fl.StringVar(&opts.CPUProfile, "cpuprofile", "", "write a CPU profile of the measured slices to this file")
 	fl.BoolVar(&opts.NoBatch, "no-batch", false, "callers do not offer batching (ops as a plain Vertebra peer makes them)")
+	fl.BoolVar(&opts.NoCompact, "no-compact", false, "callers offer batching but not the compact forms <done> and <call> (docs/xmpp.md)")
 	fl.DurationVar(&opts.Hold, "hold", 0, "how long responders hold stanzas to batch them (0: the default, 2 ms)")
 	fl.DurationVar(&opts.Retry, "retry", 0, "first resend timeout (0: the default, 1 s)")
 	return cmd
@@ -212,7 +214,7 @@ func benchXMPPRun(ctx context.Context, opts *BenchXMPPOptions, out, errOut io.Wr
 	// another.
 	handler := dispatcherHandler{nanite.NewDispatcher(exampleActor())}
 	blog := slog.New(slog.NewTextHandler(errOut, &slog.HandlerOptions{Level: slog.LevelWarn}))
-	ecfg := vertebra.Config{Hold: opts.Hold, NoBatch: opts.NoBatch, RetryInitial: opts.Retry, Logger: blog}
+	ecfg := vertebra.Config{Hold: opts.Hold, NoBatch: opts.NoBatch, NoCompact: opts.NoCompact, RetryInitial: opts.Retry, Logger: blog}
 	opBcfg := ecfg
 	opBcfg.Handler = &vertebra.ActorServer{Handler: handler}
 	opB := vertebra.NewEndpoint(opBcfg)
