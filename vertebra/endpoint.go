@@ -137,7 +137,8 @@ type Endpoint struct {
 	mu        sync.Mutex
 	pending   map[string]*pending // outgoing IQ-sets by id
 	calls     map[string]*call    // our calls by token T
-	served    map[opKey]*served   // incoming ops by (sender, token)
+	served    map[opKey]*served   // incoming ops running, by (sender, token)
+	doneOps   map[opKey]*doneOp   // finished ones, remembered for duplicates
 	lastSweep time.Time
 
 	// compactPeers are the bare JIDs that answered an op with <done>
@@ -185,6 +186,7 @@ func NewEndpoint(cfg Config) *Endpoint {
 		pending: map[string]*pending{},
 		calls:   map[string]*call{},
 		served:  map[opKey]*served{},
+		doneOps: map[opKey]*doneOp{},
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
 	return e
@@ -616,25 +618,23 @@ func writeIQResult(w xmlstream.TokenWriter, iq stanza.IQ, payload []xml.Token) e
 // a second), and the oldest finished ops past MaxRemembered.
 func (e *Endpoint) sweepLocked(now time.Time) {
 	for len(e.finished) > e.cfg.MaxRemembered {
-		k := e.finished[0]
+		delete(e.doneOps, e.finished[0])
 		e.finished = e.finished[1:]
-		if s := e.served[k]; s != nil && s.done {
-			delete(e.served, k)
-		}
 	}
 	if now.Sub(e.lastSweep) < time.Second {
 		return
 	}
 	e.lastSweep = now
-	for k, s := range e.served {
-		if s.done && now.After(s.expires) {
-			delete(e.served, k)
+	ns := now.UnixNano()
+	for k, d := range e.doneOps {
+		if ns > d.expires {
+			delete(e.doneOps, k)
 		}
 	}
 	// Keep the list in step with the map (and its backing array small).
 	kept := e.finished[:0]
 	for _, k := range e.finished {
-		if s := e.served[k]; s != nil && s.done {
+		if e.doneOps[k] != nil {
 			kept = append(kept, k)
 		}
 	}

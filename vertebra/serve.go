@@ -1,6 +1,7 @@
 package vertebra
 
 import (
+	"bytes"
 	"context"
 	"encoding/json"
 	"encoding/xml"
@@ -64,18 +65,11 @@ type served struct {
 
 	// echoMu guards the echo: a component holds it back (echoHeld) to
 	// send the op's first stanzas in it; echoEls are the stanzas it
-	// carried, to answer duplicates of the op with the same echo. They are
-	// kept as elements, not as the echo's tokens: a finished op is
-	// remembered until after its deadline (tens of thousands of ops at a
-	// time under load), and its tokens hold many times more pointers for
-	// the garbage collector to scan.
+	// carried, to answer duplicates of the op with the same echo while it
+	// runs (once finished, a doneOp keeps the echo as XML text).
 	echoMu   sync.Mutex
 	echoHeld bool
 	echoEls  []*Element
-
-	// guarded by Endpoint.mu
-	done    bool
-	expires time.Time
 }
 
 // echoLocked returns the payload of the op's echo: a batch of the op and
@@ -111,6 +105,12 @@ func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEnco
 	key := opKey{from: iq.From.String(), token: el.Token}
 	now := time.Now()
 	e.mu.Lock()
+	if d := e.doneOps[key]; d != nil {
+		e.mu.Unlock()
+		e.stats.dupOps.Add(1)
+		e.log.Debug("vertebra: duplicate of a finished op", "from", iq.From, "token", el.Token)
+		return writeIQResult(t, iq, decodeXML(d.echo))
+	}
 	if s := e.served[key]; s != nil {
 		e.mu.Unlock()
 		e.stats.dupOps.Add(1)
@@ -190,16 +190,72 @@ func (e *Endpoint) runOp(s *served) {
 	w.mu.Unlock()
 	w.wg.Wait()
 	e.running.Add(-1)
-	e.mu.Lock()
-	s.done = true
-	s.expires = time.Now().Add(e.cfg.Linger)
-	if d := s.req.Deadline.Add(e.cfg.Linger); d.After(s.expires) {
-		s.expires = d
+	// Keep what a duplicate needs, the echo as it was sent (or, when it
+	// never was, the bare echo), as XML text: remembered until after the
+	// op's deadline, tens of thousands of finished ops at a time under load,
+	// and one byte slice is all the garbage collector has to look at.
+	s.echoMu.Lock()
+	echo := s.echo()
+	if !s.echoHeld {
+		echo = s.echoLocked()
 	}
-	// Keep what a duplicate needs (token, type, echo), not the rest.
-	s.req.Payload, s.req.Meta = nil, Meta{}
+	s.echoMu.Unlock()
+	expires := time.Now().Add(e.cfg.Linger)
+	if d := s.req.Deadline.Add(e.cfg.Linger); d.After(expires) {
+		expires = d
+	}
+	d := &doneOp{expires: expires.UnixNano(), echo: encodeXML(echo)}
+	e.mu.Lock()
+	delete(e.served, s.key)
+	e.doneOps[s.key] = d
 	e.finished = append(e.finished, s.key)
 	e.mu.Unlock()
+}
+
+// doneOp is a finished op, remembered to answer its duplicates.
+type doneOp struct {
+	expires int64  // Unix ns
+	echo    []byte // the echo's payload, XML
+}
+
+// encodeXML renders tokens as XML text.
+func encodeXML(toks []xml.Token) []byte {
+	var b bytes.Buffer
+	enc := xml.NewEncoder(&b)
+	for _, t := range toks {
+		if err := enc.EncodeToken(t); err != nil {
+			return nil
+		}
+	}
+	if enc.Flush() != nil {
+		return nil
+	}
+	return b.Bytes()
+}
+
+// decodeXML reads XML text back as tokens, without the xmlns attributes
+// (the names carry their namespaces).
+func decodeXML(b []byte) []xml.Token {
+	d := xml.NewDecoder(bytes.NewReader(b))
+	var toks []xml.Token
+	for {
+		t, err := d.Token()
+		if err != nil {
+			return toks
+		}
+		if st, ok := t.(xml.StartElement); ok {
+			attrs := st.Attr[:0:0]
+			for _, a := range st.Attr {
+				if a.Name.Space == "xmlns" || a.Name.Space == "" && a.Name.Local == "xmlns" {
+					continue
+				}
+				attrs = append(attrs, a)
+			}
+			st.Attr = attrs
+			t = st
+		}
+		toks = append(toks, xml.CopyToken(t))
+	}
 }
 
 func (e *Endpoint) serveOp(s *served, w *Reply) (err error) {
