@@ -95,7 +95,7 @@ type call struct {
 
 	// guarded by Endpoint.mu
 	events  []event
-	seen    map[string]struct{} // IQ ids received
+	seen    map[string]struct{} // IQ ids received (nil until one is: quick ops have none)
 	done    bool
 	expires time.Time
 }
@@ -136,7 +136,7 @@ func (e *Endpoint) Call(ctx context.Context, to jid.JID, op string, payload json
 			return nil, fmt.Errorf("vertebra: op %s: %w", op, err)
 		}
 	}
-	c := &call{to: to, opID: newID(), notify: make(chan struct{}, 1), seen: map[string]struct{}{}}
+	c := &call{to: to, opID: newID(), notify: make(chan struct{}, 1)}
 	e.mu.Lock()
 	e.sweepLocked(time.Now())
 	e.calls[el.Token] = c
@@ -330,6 +330,9 @@ func (e *Endpoint) deliverEvents(from jid.JID, id string, els []*Element) delive
 		return deliverBusy
 	}
 	if id != "" {
+		if c.seen == nil {
+			c.seen = map[string]struct{}{}
+		}
 		c.seen[id] = struct{}{}
 	}
 	for _, el := range els {
