@@ -530,7 +530,7 @@ func (a *Agent) handleDelivery(dv delivery) {
 		a.stats.duplicates.Add(1)
 		a.log.Info("duplicate request", "token", p.Token, "service", p.Type, "done", state == dedupeDone)
 		if state == dedupeDone && cached != nil && p.ReplyTo != "" {
-			_ = a.link.publish(a.handlerCtx, message{Key: p.ReplyTo, Body: sec.forAnyone(cached), CorrelationID: p.Token, Type: string(KindResult)})
+			_ = a.link.publish(a.handlerCtx, message{Key: p.ReplyTo, Body: sec.forAnyone(cached), CorrelationID: p.Token})
 		}
 		_ = d.Ack()
 		return
@@ -639,7 +639,7 @@ func (r *agentRun) intermediate(ctx context.Context, key string, v any) error {
 		return err
 	}
 	a.stats.intermediates.Add(1)
-	return a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindIntermediate)})
+	return a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token})
 }
 
 func (a *Agent) run(r *agentRun, svc string, m *agentMethod, deadline time.Time) {
@@ -780,7 +780,7 @@ func (a *Agent) finishBody(d *delivery, p *Packet, answer bool, body []byte) {
 		// Copies that arrived while it ran, from another requester
 		// (a mapper daemon that took over a relay), get the answer too.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_ = a.link.publish(ctx, message{Key: replyTo, Body: a.cfg.Secure.forAnyone(body), CorrelationID: p.Token, Type: string(KindResult)})
+		_ = a.link.publish(ctx, message{Key: replyTo, Body: a.cfg.Secure.forAnyone(body), CorrelationID: p.Token})
 		cancel()
 	}
 	if err := d.Ack(); err != nil {
@@ -830,7 +830,7 @@ func (a *Agent) sendReply(p *Packet, body []byte) {
 	if dl := p.deadlineTime(); !dl.IsZero() {
 		until = dl.Add(5 * time.Second)
 	}
-	if err := a.link.publishBy(context.Background(), until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
+	if err := a.link.publishBy(context.Background(), until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Persistent: p.Persistent}); err != nil {
 		a.log.Warn("could not send result", "token", p.Token, "err", err)
 	}
 }
