@@ -29,6 +29,7 @@ const (
 	DefaultShutdownGrace     = 10 * time.Second
 	DefaultRequestTimeout    = 30 * time.Second
 	DefaultDedupeSize        = 10000
+	DefaultDedupeBytes       = 4 << 20
 	DefaultClockSkew         = time.Second
 )
 
@@ -70,6 +71,12 @@ type AgentConfig struct {
 	// DedupeSize bounds the cache of recently handled request tokens
 	// (default 10000).
 	DedupeSize int
+	// DedupeBytes bounds the answers that cache keeps, in bytes (default
+	// 4 MiB): beyond it the oldest tokens are forgotten, as beyond
+	// DedupeSize. Kept answers are heap the garbage collector walks past
+	// and fresh memory every new answer is written to; 10000 answers of
+	// 10 KiB each (100 MB) made every request slower.
+	DedupeBytes int
 	// Secure turns on secure mode: signed packets, policy, sealing
 	// (docs/security.md). Nil: plain mode.
 	Secure *Secure
@@ -141,6 +148,9 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	if cfg.DedupeSize <= 0 {
 		cfg.DedupeSize = DefaultDedupeSize
 	}
+	if cfg.DedupeBytes <= 0 {
+		cfg.DedupeBytes = DefaultDedupeBytes
+	}
 	if cfg.Status == nil {
 		cfg.Status = LoadAverage
 	}
@@ -165,7 +175,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		id:         id,
 		log:        cfg.Logger.With("agent", id),
 		calls:      newCalls(),
-		dedupe:     newDedupe(cfg.DedupeSize),
+		dedupe:     newDedupe(cfg.DedupeSize, cfg.DedupeBytes),
 		reregister: make(chan struct{}, 1),
 	}
 	a.methods.Store(&map[string]*agentMethod{})
@@ -863,14 +873,18 @@ func (a *Agent) handleReply(d delivery) {
 }
 
 // dedupe remembers recently handled request tokens and their answers: the
-// last max tokens, in a ring that reuses its slots (no allocation per
-// request once it is full).
+// last max tokens whose answers add up to maxBytes at most, in a ring that
+// reuses its slots (no allocation per request once it is full). The nth
+// token remembered (counting from 0) is in slot n % max.
 type dedupe struct {
-	mu   sync.Mutex
-	max  int
-	m    map[string]int // token -> index in ring
-	ring []dedupeEntry  // grows to max, then the oldest slot is reused
-	next int            // the oldest slot once the ring is full
+	mu       sync.Mutex
+	max      int
+	maxBytes int
+	m        map[string]int // token -> index in ring
+	ring     []dedupeEntry  // grows to max, then the oldest slot is reused
+	seq      int            // tokens remembered so far
+	oldest   int            // the seq of the oldest slot that may hold one
+	bytes    int            // of the answers in the ring
 }
 
 type dedupeEntry struct {
@@ -889,8 +903,8 @@ const (
 	dedupeDone
 )
 
-func newDedupe(max int) *dedupe {
-	return &dedupe{max: max, m: map[string]int{}}
+func newDedupe(max, maxBytes int) *dedupe {
+	return &dedupe{max: max, maxBytes: maxBytes, m: map[string]int{}}
 }
 
 // check looks a token up. For a copy that arrives while the first one runs,
@@ -943,18 +957,35 @@ func (c *dedupe) beginLocked(token, replyTo string) int {
 // insertLocked remembers a token that is not there, forgetting the oldest
 // when the ring is full.
 func (c *dedupe) insertLocked(token, replyTo string) int {
-	var i int
+	i := c.seq % c.max
 	if len(c.ring) < c.max {
-		i = len(c.ring)
 		c.ring = append(c.ring, dedupeEntry{})
 	} else {
-		i = c.next
-		c.next = (c.next + 1) % c.max
-		delete(c.m, c.ring[i].token)
+		c.evictLocked(i)
 	}
+	c.seq++
+	c.oldest = max(c.oldest, c.seq-c.max)
 	c.ring[i] = dedupeEntry{token: token, replyTo: replyTo}
 	c.m[token] = i
 	return i
+}
+
+// evictLocked forgets the token in slot i, if any.
+func (c *dedupe) evictLocked(i int) {
+	en := &c.ring[i]
+	if en.token != "" {
+		delete(c.m, en.token)
+	}
+	c.bytes -= len(en.body)
+	*en = dedupeEntry{}
+}
+
+// trimLocked forgets the oldest tokens until their answers fit maxBytes.
+func (c *dedupe) trimLocked() {
+	for c.bytes > c.maxBytes && c.oldest < c.seq {
+		c.evictLocked(c.oldest % c.max)
+		c.oldest++
+	}
 }
 
 // forget drops a token that began but will not run here (the agent is
@@ -966,8 +997,7 @@ func (c *dedupe) forget(token string) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if i, ok := c.m[token]; ok && !c.ring[i].done {
-		delete(c.m, token)
-		c.ring[i] = dedupeEntry{}
+		c.evictLocked(i)
 	}
 }
 
@@ -977,8 +1007,10 @@ func (c *dedupe) done(token string, body []byte) []string {
 	defer c.mu.Unlock()
 	en := &c.ring[c.beginLocked(token, "")]
 	en.done, en.body = true, body
+	c.bytes += len(body)
 	w := en.waiters
 	en.waiters = nil
+	c.trimLocked() // may forget this one too, when its answer alone is too large
 	if body == nil {
 		return nil
 	}

@@ -115,7 +115,7 @@ func testSlowHandler(t *testing.T, prefetch int) {
 }
 
 func TestDedupeRing(t *testing.T) {
-	d := newDedupe(3)
+	d := newDedupe(3, 1<<20)
 	for i := range 5 {
 		tok := fmt.Sprint("t", i)
 		if _, st := d.check(tok, "q"); st != dedupeNew {
@@ -147,6 +147,58 @@ func TestDedupeRing(t *testing.T) {
 	d.done("x", []byte("x"))
 	if body, st := d.check("x", ""); st != dedupeDone || string(body) != "x" {
 		t.Fatalf("x: %v %q", st, body)
+	}
+}
+
+func TestDedupeBytes(t *testing.T) {
+	d := newDedupe(100, 10)
+	for i := range 5 {
+		tok := fmt.Sprint("t", i)
+		d.begin(tok, "q")
+		d.done(tok, []byte("abcd")) // 4 bytes each: two fit
+	}
+	for i := range 5 {
+		tok := fmt.Sprint("t", i)
+		body, st := d.check(tok, "q")
+		if i < 3 && st != dedupeNew {
+			t.Fatalf("%s: state %v, want forgotten (over the byte budget)", tok, st)
+		}
+		if i >= 3 && (st != dedupeDone || string(body) != "abcd") {
+			t.Fatalf("%s: state %v body %q, want done with its body", tok, st, body)
+		}
+	}
+	if d.bytes != 8 || len(d.m) != 2 {
+		t.Fatalf("bytes %d, tokens %d; want 8 and 2", d.bytes, len(d.m))
+	}
+	// The oldest go first: big's 10 bytes forget t3 and t4, and then
+	// fit, so run (older than big, newer than t4) stays.
+	d.begin("run", "q")
+	d.done("big", make([]byte, 10))
+	if _, st := d.check("run", "q"); st != dedupeRunning {
+		t.Fatalf("run: state %v, want running", st)
+	}
+	if _, st := d.check("big", "q"); st != dedupeDone {
+		t.Fatalf("big: state %v, want done (exactly the budget)", st)
+	}
+	// An answer larger than the whole budget is not kept.
+	d.done("huge", make([]byte, 11))
+	if _, st := d.check("huge", "q"); st != dedupeNew {
+		t.Fatalf("huge: state %v, want forgotten", st)
+	}
+	if d.bytes != 0 || len(d.m) != 0 {
+		t.Fatalf("bytes %d, tokens %d; want 0 and 0", d.bytes, len(d.m))
+	}
+	// The ring wraps over slots the budget emptied.
+	for i := range 250 {
+		tok := fmt.Sprint("w", i)
+		d.begin(tok, "q")
+		d.done(tok, []byte("x"))
+	}
+	if d.bytes != 10 || len(d.m) != 10 || len(d.ring) != 100 {
+		t.Fatalf("bytes %d, tokens %d, ring %d; want 10, 10, 100", d.bytes, len(d.m), len(d.ring))
+	}
+	if body, st := d.check("w249", "q"); st != dedupeDone || string(body) != "x" {
+		t.Fatalf("w249: %v %q", st, body)
 	}
 }
 
