@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"runtime/debug"
 	"slices"
@@ -876,23 +877,42 @@ func (a *Agent) handleReply(d delivery) {
 // last max tokens whose answers add up to maxBytes at most, in a ring that
 // reuses its slots (no allocation per request once it is full). The nth
 // token remembered (counting from 0) is in slot n % max.
+//
+// Little of it is for the garbage collector to follow, which walks it at
+// every cycle: the map goes from a hash of the token to its slot (no
+// pointers), a token of up to 32 bytes (a Go requester's is 32 hex digits)
+// is kept in its slot, and a slot whose answer is recorded keeps only the
+// answer. Two tokens with the same hash (64 bits, seeded) are told apart by
+// the token kept; the older one is then forgotten early.
 type dedupe struct {
 	mu       sync.Mutex
 	max      int
 	maxBytes int
-	m        map[string]int // token -> index in ring
-	ring     []dedupeEntry  // grows to max, then the oldest slot is reused
-	seq      int            // tokens remembered so far
-	oldest   int            // the seq of the oldest slot that may hold one
-	bytes    int            // of the answers in the ring
+	seed     maphash.Seed
+	m        map[uint64]int32 // hash of a token -> its slot in ring
+	ring     []dedupeEntry    // grows to max, then the oldest slot is reused
+	seq      int              // tokens remembered so far
+	oldest   int              // the seq of the oldest slot that may hold one
+	bytes    int              // of the answers in the ring
 }
 
 type dedupeEntry struct {
-	token   string
+	hash    uint64
+	used    bool
 	done    bool
+	short   uint8    // the length of a token kept in tok; 0: in long
+	tok     [32]byte // a short token
+	long    string   // a token longer than tok
 	body    []byte
-	replyTo string   // of the copy that runs
+	replyTo string   // of the copy that runs, until done
 	waiters []string // other reply queues that sent the same token meanwhile
+}
+
+func (en *dedupeEntry) is(token string) bool {
+	if en.short > 0 {
+		return string(en.tok[:en.short]) == token
+	}
+	return en.used && en.long == token
 }
 
 type dedupeState int
@@ -904,7 +924,7 @@ const (
 )
 
 func newDedupe(max, maxBytes int) *dedupe {
-	return &dedupe{max: max, maxBytes: maxBytes, m: map[string]int{}}
+	return &dedupe{max: max, maxBytes: maxBytes, seed: maphash.MakeSeed(), m: map[uint64]int32{}}
 }
 
 // check looks a token up. For a copy that arrives while the first one runs,
@@ -922,12 +942,13 @@ func (c *dedupe) lookup(token, replyTo string, begin bool) ([]byte, dedupeState)
 	if token == "" {
 		return nil, dedupeNew
 	}
+	h := maphash.String(c.seed, token)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	i, ok := c.m[token]
-	if !ok {
+	i := c.findLocked(h, token)
+	if i < 0 {
 		if begin {
-			c.insertLocked(token, replyTo)
+			c.insertLocked(h, token, replyTo)
 		}
 		return nil, dedupeNew
 	}
@@ -941,22 +962,31 @@ func (c *dedupe) lookup(token, replyTo string, begin bool) ([]byte, dedupeState)
 	return nil, dedupeRunning
 }
 
-func (c *dedupe) begin(token, replyTo string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.beginLocked(token, replyTo)
+// findLocked returns the slot of token (of hash h), or -1.
+func (c *dedupe) findLocked(h uint64, token string) int {
+	if i, ok := c.m[h]; ok && c.ring[i].is(token) {
+		return int(i)
+	}
+	return -1
 }
 
-func (c *dedupe) beginLocked(token, replyTo string) int {
-	if i, ok := c.m[token]; ok {
+func (c *dedupe) begin(token, replyTo string) {
+	h := maphash.String(c.seed, token)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.beginLocked(h, token, replyTo)
+}
+
+func (c *dedupe) beginLocked(h uint64, token, replyTo string) int {
+	if i := c.findLocked(h, token); i >= 0 {
 		return i
 	}
-	return c.insertLocked(token, replyTo)
+	return c.insertLocked(h, token, replyTo)
 }
 
 // insertLocked remembers a token that is not there, forgetting the oldest
 // when the ring is full.
-func (c *dedupe) insertLocked(token, replyTo string) int {
+func (c *dedupe) insertLocked(h uint64, token, replyTo string) int {
 	i := c.seq % c.max
 	if len(c.ring) < c.max {
 		c.ring = append(c.ring, dedupeEntry{})
@@ -965,16 +995,24 @@ func (c *dedupe) insertLocked(token, replyTo string) int {
 	}
 	c.seq++
 	c.oldest = max(c.oldest, c.seq-c.max)
-	c.ring[i] = dedupeEntry{token: token, replyTo: replyTo}
-	c.m[token] = i
+	en := &c.ring[i]
+	*en = dedupeEntry{hash: h, used: true, replyTo: replyTo}
+	if len(token) <= len(en.tok) {
+		en.short = uint8(copy(en.tok[:], token))
+	} else {
+		en.long = token
+	}
+	c.m[h] = int32(i) // a token of the same hash, if any, is forgotten
 	return i
 }
 
 // evictLocked forgets the token in slot i, if any.
 func (c *dedupe) evictLocked(i int) {
 	en := &c.ring[i]
-	if en.token != "" {
-		delete(c.m, en.token)
+	if en.used {
+		if j, ok := c.m[en.hash]; ok && int(j) == i {
+			delete(c.m, en.hash)
+		}
 	}
 	c.bytes -= len(en.body)
 	*en = dedupeEntry{}
@@ -994,19 +1032,21 @@ func (c *dedupe) forget(token string) {
 	if token == "" {
 		return
 	}
+	h := maphash.String(c.seed, token)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if i, ok := c.m[token]; ok && !c.ring[i].done {
+	if i := c.findLocked(h, token); i >= 0 && !c.ring[i].done {
 		c.evictLocked(i)
 	}
 }
 
 // done records the answer and returns the reply queues still waiting for it.
 func (c *dedupe) done(token string, body []byte) []string {
+	h := maphash.String(c.seed, token)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	en := &c.ring[c.beginLocked(token, "")]
-	en.done, en.body = true, body
+	en := &c.ring[c.beginLocked(h, token, "")]
+	en.done, en.body, en.replyTo = true, body, ""
 	c.bytes += len(body)
 	w := en.waiters
 	en.waiters = nil

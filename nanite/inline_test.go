@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -199,6 +201,38 @@ func TestDedupeBytes(t *testing.T) {
 	}
 	if body, st := d.check("w249", "q"); st != dedupeDone || string(body) != "x" {
 		t.Fatalf("w249: %v %q", st, body)
+	}
+}
+
+func TestDedupeHashCollision(t *testing.T) {
+	d := newDedupe(10, 1<<20)
+	long := strings.Repeat("L", 40) // kept outside the slot
+	for _, tok := range []string{"A", long} {
+		d.begin(tok, "q")
+		d.done(tok, []byte(tok))
+		if body, st := d.check(tok, "q"); st != dedupeDone || string(body) != tok {
+			t.Fatalf("%.8s: %v %q", tok, st, body)
+		}
+	}
+	// Another token whose hash is A's: it is not taken for A...
+	hA := maphash.String(d.seed, "A")
+	d.mu.Lock()
+	if i := d.findLocked(hA, "B"); i >= 0 {
+		t.Fatalf("B found in A's slot %d", i)
+	}
+	// ...and remembering it forgets A, whose slot, once reused, leaves
+	// B's entry in the map alone.
+	d.insertLocked(hA, "B", "q")
+	if i := d.findLocked(hA, "A"); i >= 0 {
+		t.Fatalf("A still found, in slot %d", i)
+	}
+	d.evictLocked(0)
+	if i := d.findLocked(hA, "B"); i != 2 {
+		t.Fatalf("B in slot %d, want 2", i)
+	}
+	d.mu.Unlock()
+	if _, st := d.check(long, "q"); st != dedupeDone {
+		t.Fatalf("the long token: state %v", st)
 	}
 }
 
