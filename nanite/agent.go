@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"runtime/debug"
 	"slices"
@@ -29,6 +30,7 @@ const (
 	DefaultShutdownGrace     = 10 * time.Second
 	DefaultRequestTimeout    = 30 * time.Second
 	DefaultDedupeSize        = 10000
+	DefaultDedupeBytes       = 4 << 20
 	DefaultClockSkew         = time.Second
 )
 
@@ -70,6 +72,12 @@ type AgentConfig struct {
 	// DedupeSize bounds the cache of recently handled request tokens
 	// (default 10000).
 	DedupeSize int
+	// DedupeBytes bounds the answers that cache keeps, in bytes (default
+	// 4 MiB): beyond it the oldest tokens are forgotten, as beyond
+	// DedupeSize. Kept answers are heap the garbage collector walks past
+	// and fresh memory every new answer is written to; 10000 answers of
+	// 10 KiB each (100 MB) made every request slower.
+	DedupeBytes int
 	// Secure turns on secure mode: signed packets, policy, sealing
 	// (docs/security.md). Nil: plain mode.
 	Secure *Secure
@@ -141,6 +149,9 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	if cfg.DedupeSize <= 0 {
 		cfg.DedupeSize = DefaultDedupeSize
 	}
+	if cfg.DedupeBytes <= 0 {
+		cfg.DedupeBytes = DefaultDedupeBytes
+	}
 	if cfg.Status == nil {
 		cfg.Status = LoadAverage
 	}
@@ -165,7 +176,7 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 		id:         id,
 		log:        cfg.Logger.With("agent", id),
 		calls:      newCalls(),
-		dedupe:     newDedupe(cfg.DedupeSize),
+		dedupe:     newDedupe(cfg.DedupeSize, cfg.DedupeBytes),
 		reregister: make(chan struct{}, 1),
 	}
 	a.methods.Store(&map[string]*agentMethod{})
@@ -530,7 +541,7 @@ func (a *Agent) handleDelivery(dv delivery) {
 		a.stats.duplicates.Add(1)
 		a.log.Info("duplicate request", "token", p.Token, "service", p.Type, "done", state == dedupeDone)
 		if state == dedupeDone && cached != nil && p.ReplyTo != "" {
-			_ = a.link.publish(a.handlerCtx, message{Key: p.ReplyTo, Body: sec.forAnyone(cached), CorrelationID: p.Token, Type: string(KindResult)})
+			_ = a.link.publish(a.handlerCtx, message{Key: p.ReplyTo, Body: sec.forAnyone(cached), CorrelationID: p.Token})
 		}
 		_ = d.Ack()
 		return
@@ -639,7 +650,7 @@ func (r *agentRun) intermediate(ctx context.Context, key string, v any) error {
 		return err
 	}
 	a.stats.intermediates.Add(1)
-	return a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindIntermediate)})
+	return a.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token})
 }
 
 func (a *Agent) run(r *agentRun, svc string, m *agentMethod, deadline time.Time) {
@@ -780,7 +791,7 @@ func (a *Agent) finishBody(d *delivery, p *Packet, answer bool, body []byte) {
 		// Copies that arrived while it ran, from another requester
 		// (a mapper daemon that took over a relay), get the answer too.
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
-		_ = a.link.publish(ctx, message{Key: replyTo, Body: a.cfg.Secure.forAnyone(body), CorrelationID: p.Token, Type: string(KindResult)})
+		_ = a.link.publish(ctx, message{Key: replyTo, Body: a.cfg.Secure.forAnyone(body), CorrelationID: p.Token})
 		cancel()
 	}
 	if err := d.Ack(); err != nil {
@@ -830,7 +841,7 @@ func (a *Agent) sendReply(p *Packet, body []byte) {
 	if dl := p.deadlineTime(); !dl.IsZero() {
 		until = dl.Add(5 * time.Second)
 	}
-	if err := a.link.publishBy(context.Background(), until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult), Persistent: p.Persistent}); err != nil {
+	if err := a.link.publishBy(context.Background(), until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Persistent: p.Persistent}); err != nil {
 		a.log.Warn("could not send result", "token", p.Token, "err", err)
 	}
 }
@@ -863,22 +874,45 @@ func (a *Agent) handleReply(d delivery) {
 }
 
 // dedupe remembers recently handled request tokens and their answers: the
-// last max tokens, in a ring that reuses its slots (no allocation per
-// request once it is full).
+// last max tokens whose answers add up to maxBytes at most, in a ring that
+// reuses its slots (no allocation per request once it is full). The nth
+// token remembered (counting from 0) is in slot n % max.
+//
+// Little of it is for the garbage collector to follow, which walks it at
+// every cycle: the map goes from a hash of the token to its slot (no
+// pointers), a token of up to 32 bytes (a Go requester's is 32 hex digits)
+// is kept in its slot, and a slot whose answer is recorded keeps only the
+// answer. Two tokens with the same hash (64 bits, seeded) are told apart by
+// the token kept; the older one is then forgotten early.
 type dedupe struct {
-	mu   sync.Mutex
-	max  int
-	m    map[string]int // token -> index in ring
-	ring []dedupeEntry  // grows to max, then the oldest slot is reused
-	next int            // the oldest slot once the ring is full
+	mu       sync.Mutex
+	max      int
+	maxBytes int
+	seed     maphash.Seed
+	m        map[uint64]int32 // hash of a token -> its slot in ring
+	ring     []dedupeEntry    // grows to max, then the oldest slot is reused
+	seq      int              // tokens remembered so far
+	oldest   int              // the seq of the oldest slot that may hold one
+	bytes    int              // of the answers in the ring
 }
 
 type dedupeEntry struct {
-	token   string
+	hash    uint64
+	used    bool
 	done    bool
+	short   uint8    // the length of a token kept in tok; 0: in long
+	tok     [32]byte // a short token
+	long    string   // a token longer than tok
 	body    []byte
-	replyTo string   // of the copy that runs
+	replyTo string   // of the copy that runs, until done
 	waiters []string // other reply queues that sent the same token meanwhile
+}
+
+func (en *dedupeEntry) is(token string) bool {
+	if en.short > 0 {
+		return string(en.tok[:en.short]) == token
+	}
+	return en.used && en.long == token
 }
 
 type dedupeState int
@@ -889,8 +923,8 @@ const (
 	dedupeDone
 )
 
-func newDedupe(max int) *dedupe {
-	return &dedupe{max: max, m: map[string]int{}}
+func newDedupe(max, maxBytes int) *dedupe {
+	return &dedupe{max: max, maxBytes: maxBytes, seed: maphash.MakeSeed(), m: map[uint64]int32{}}
 }
 
 // check looks a token up. For a copy that arrives while the first one runs,
@@ -908,12 +942,13 @@ func (c *dedupe) lookup(token, replyTo string, begin bool) ([]byte, dedupeState)
 	if token == "" {
 		return nil, dedupeNew
 	}
+	h := maphash.String(c.seed, token)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	i, ok := c.m[token]
-	if !ok {
+	i := c.findLocked(h, token)
+	if i < 0 {
 		if begin {
-			c.insertLocked(token, replyTo)
+			c.insertLocked(h, token, replyTo)
 		}
 		return nil, dedupeNew
 	}
@@ -927,34 +962,68 @@ func (c *dedupe) lookup(token, replyTo string, begin bool) ([]byte, dedupeState)
 	return nil, dedupeRunning
 }
 
-func (c *dedupe) begin(token, replyTo string) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.beginLocked(token, replyTo)
+// findLocked returns the slot of token (of hash h), or -1.
+func (c *dedupe) findLocked(h uint64, token string) int {
+	if i, ok := c.m[h]; ok && c.ring[i].is(token) {
+		return int(i)
+	}
+	return -1
 }
 
-func (c *dedupe) beginLocked(token, replyTo string) int {
-	if i, ok := c.m[token]; ok {
+func (c *dedupe) begin(token, replyTo string) {
+	h := maphash.String(c.seed, token)
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.beginLocked(h, token, replyTo)
+}
+
+func (c *dedupe) beginLocked(h uint64, token, replyTo string) int {
+	if i := c.findLocked(h, token); i >= 0 {
 		return i
 	}
-	return c.insertLocked(token, replyTo)
+	return c.insertLocked(h, token, replyTo)
 }
 
 // insertLocked remembers a token that is not there, forgetting the oldest
 // when the ring is full.
-func (c *dedupe) insertLocked(token, replyTo string) int {
-	var i int
+func (c *dedupe) insertLocked(h uint64, token, replyTo string) int {
+	i := c.seq % c.max
 	if len(c.ring) < c.max {
-		i = len(c.ring)
 		c.ring = append(c.ring, dedupeEntry{})
 	} else {
-		i = c.next
-		c.next = (c.next + 1) % c.max
-		delete(c.m, c.ring[i].token)
+		c.evictLocked(i)
 	}
-	c.ring[i] = dedupeEntry{token: token, replyTo: replyTo}
-	c.m[token] = i
+	c.seq++
+	c.oldest = max(c.oldest, c.seq-c.max)
+	en := &c.ring[i]
+	*en = dedupeEntry{hash: h, used: true, replyTo: replyTo}
+	if len(token) <= len(en.tok) {
+		en.short = uint8(copy(en.tok[:], token))
+	} else {
+		en.long = token
+	}
+	c.m[h] = int32(i) // a token of the same hash, if any, is forgotten
 	return i
+}
+
+// evictLocked forgets the token in slot i, if any.
+func (c *dedupe) evictLocked(i int) {
+	en := &c.ring[i]
+	if en.used {
+		if j, ok := c.m[en.hash]; ok && int(j) == i {
+			delete(c.m, en.hash)
+		}
+	}
+	c.bytes -= len(en.body)
+	*en = dedupeEntry{}
+}
+
+// trimLocked forgets the oldest tokens until their answers fit maxBytes.
+func (c *dedupe) trimLocked() {
+	for c.bytes > c.maxBytes && c.oldest < c.seq {
+		c.evictLocked(c.oldest % c.max)
+		c.oldest++
+	}
 }
 
 // forget drops a token that began but will not run here (the agent is
@@ -963,22 +1032,25 @@ func (c *dedupe) forget(token string) {
 	if token == "" {
 		return
 	}
+	h := maphash.String(c.seed, token)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if i, ok := c.m[token]; ok && !c.ring[i].done {
-		delete(c.m, token)
-		c.ring[i] = dedupeEntry{}
+	if i := c.findLocked(h, token); i >= 0 && !c.ring[i].done {
+		c.evictLocked(i)
 	}
 }
 
 // done records the answer and returns the reply queues still waiting for it.
 func (c *dedupe) done(token string, body []byte) []string {
+	h := maphash.String(c.seed, token)
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	en := &c.ring[c.beginLocked(token, "")]
-	en.done, en.body = true, body
+	en := &c.ring[c.beginLocked(h, token, "")]
+	en.done, en.body, en.replyTo = true, body, ""
+	c.bytes += len(body)
 	w := en.waiters
 	en.waiters = nil
+	c.trimLocked() // may forget this one too, when its answer alone is too large
 	if body == nil {
 		return nil
 	}

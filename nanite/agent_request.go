@@ -62,7 +62,7 @@ func (a *Agent) originate(ctx context.Context, kind Kind, service string, payloa
 		defer a.calls.remove(p.Token)
 	}
 	m := message{Key: QueueMapperRequests, Body: enc, CorrelationID: p.Token, ReplyTo: p.ReplyTo,
-		Type: string(kind), Persistent: o.persistent, Expiration: time.Until(deadline),
+		Persistent: o.persistent, Expiration: time.Until(deadline),
 		Headers: map[string]any{HeaderReplyTo: p.ReplyTo}}
 	if err := a.link.publish(ctx, m); err != nil {
 		return nil, err

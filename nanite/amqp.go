@@ -27,11 +27,11 @@ type message struct {
 	Body          []byte
 	CorrelationID string
 	ReplyTo       string
-	Type          string
-	Headers       map[string]any
-	Expiration    time.Duration // per-message TTL; 0 for none
-	Persistent    bool          // delivery mode 2, and wait for the publisher confirm
-	Mandatory     bool          // return the message when no queue takes it
+	Type          string         // the packet kind, on state packets only (docs/protocol.md)
+	Headers       map[string]any // each header costs allocations on both sides: only where needed
+	Expiration    time.Duration  // per-message TTL; 0 for none
+	Persistent    bool           // delivery mode 2, and wait for the publisher confirm
+	Mandatory     bool           // return the message when no queue takes it
 }
 
 // delivery is one incoming AMQP message.

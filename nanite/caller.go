@@ -68,6 +68,7 @@ type call struct {
 	done     chan struct{}
 	failure  error // set when the call failed as a whole
 	resBuf   [1]Result
+	resp     Response // what response returns: the call's own memory
 
 	onIntermediate func(Intermediate)
 	// onResult, when set, is told about every result as it arrives (the
@@ -274,11 +275,13 @@ func (c *call) wait(ctx context.Context) (*Response, error) {
 
 // response builds the response of a finished call. Its results no longer
 // change (complete, completeAll and fail do nothing once it finished), so
-// the response shares them.
+// the response shares them, and it is part of the call (one allocation
+// less per request; the requester holding it holds the call).
 func (c *call) response() *Response {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	return &Response{Token: c.token, Service: c.service, Results: c.results[:len(c.results):len(c.results)]}
+	c.resp = Response{Token: c.token, Service: c.service, Results: c.results[:len(c.results):len(c.results)]}
+	return &c.resp
 }
 
 // newToken returns a random 128-bit token in hex.

@@ -33,6 +33,7 @@ import (
 	"math/bits"
 	"slices"
 	"strconv"
+	"sync/atomic"
 	"unicode"
 	"unicode/utf16"
 	"unicode/utf8"
@@ -501,15 +502,15 @@ func (d *decoder) packet(p *Packet) bool {
 			f, ok = fKind, d.string(&s)
 			p.Kind = Kind(s)
 		case "type":
-			f, ok = fType, d.string(&p.Type)
+			f, ok = fType, d.recentString(&p.Type)
 		case "payload":
 			f, ok = fPayload, d.raw(&p.Payload)
 		case "from":
-			f, ok = fFrom, d.string(&p.From)
+			f, ok = fFrom, d.recentString(&p.From)
 		case "token":
 			f, ok = fToken, d.string(&p.Token)
 		case "reply_to":
-			f, ok = fReplyTo, d.string(&p.ReplyTo)
+			f, ok = fReplyTo, d.recentString(&p.ReplyTo)
 		case "selector":
 			f, ok = fSelector, d.string(&p.Selector)
 		case "target":
@@ -700,6 +701,46 @@ func (d *decoder) string(s *string) bool {
 	}
 	*s = makeString(raw, plain)
 	return true
+}
+
+// recentString is string for members whose values repeat from packet to
+// packet (services, identities, reply queues): a value decoded lately is
+// not allocated again (see recent).
+func (d *decoder) recentString(s *string) bool {
+	if d.null() {
+		return true
+	}
+	raw, plain, ok := d.scanString()
+	if !ok {
+		return false
+	}
+	if plain {
+		*s = recent(raw)
+	} else {
+		*s = makeString(raw, false)
+	}
+	return true
+}
+
+// recentStrings holds strings decoded lately, in slots picked by a cheap
+// hash of their bytes; a value that collides with another in its slot
+// replaces it.
+var recentStrings [256]atomic.Pointer[string]
+
+// recent returns the string of plain contents b: a constant of the
+// protocol, one decoded lately, or a new one (then remembered).
+func recent(b []byte) string {
+	n := len(b)
+	if n == 0 || n > 128 {
+		return intern(b)
+	}
+	slot := &recentStrings[(uint(n)*37+uint(b[n-1])*7+uint(b[n/2])*3+uint(b[n/3]))&255]
+	if p := slot.Load(); p != nil && *p == string(b) {
+		return *p
+	}
+	s := intern(b)
+	slot.Store(&s)
+	return s
 }
 
 func (d *decoder) bool(v *bool) bool {

@@ -4,8 +4,10 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"log/slog"
 	"slices"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -115,7 +117,7 @@ func testSlowHandler(t *testing.T, prefetch int) {
 }
 
 func TestDedupeRing(t *testing.T) {
-	d := newDedupe(3)
+	d := newDedupe(3, 1<<20)
 	for i := range 5 {
 		tok := fmt.Sprint("t", i)
 		if _, st := d.check(tok, "q"); st != dedupeNew {
@@ -147,6 +149,90 @@ func TestDedupeRing(t *testing.T) {
 	d.done("x", []byte("x"))
 	if body, st := d.check("x", ""); st != dedupeDone || string(body) != "x" {
 		t.Fatalf("x: %v %q", st, body)
+	}
+}
+
+func TestDedupeBytes(t *testing.T) {
+	d := newDedupe(100, 10)
+	for i := range 5 {
+		tok := fmt.Sprint("t", i)
+		d.begin(tok, "q")
+		d.done(tok, []byte("abcd")) // 4 bytes each: two fit
+	}
+	for i := range 5 {
+		tok := fmt.Sprint("t", i)
+		body, st := d.check(tok, "q")
+		if i < 3 && st != dedupeNew {
+			t.Fatalf("%s: state %v, want forgotten (over the byte budget)", tok, st)
+		}
+		if i >= 3 && (st != dedupeDone || string(body) != "abcd") {
+			t.Fatalf("%s: state %v body %q, want done with its body", tok, st, body)
+		}
+	}
+	if d.bytes != 8 || len(d.m) != 2 {
+		t.Fatalf("bytes %d, tokens %d; want 8 and 2", d.bytes, len(d.m))
+	}
+	// The oldest go first: big's 10 bytes forget t3 and t4, and then
+	// fit, so run (older than big, newer than t4) stays.
+	d.begin("run", "q")
+	d.done("big", make([]byte, 10))
+	if _, st := d.check("run", "q"); st != dedupeRunning {
+		t.Fatalf("run: state %v, want running", st)
+	}
+	if _, st := d.check("big", "q"); st != dedupeDone {
+		t.Fatalf("big: state %v, want done (exactly the budget)", st)
+	}
+	// An answer larger than the whole budget is not kept.
+	d.done("huge", make([]byte, 11))
+	if _, st := d.check("huge", "q"); st != dedupeNew {
+		t.Fatalf("huge: state %v, want forgotten", st)
+	}
+	if d.bytes != 0 || len(d.m) != 0 {
+		t.Fatalf("bytes %d, tokens %d; want 0 and 0", d.bytes, len(d.m))
+	}
+	// The ring wraps over slots the budget emptied.
+	for i := range 250 {
+		tok := fmt.Sprint("w", i)
+		d.begin(tok, "q")
+		d.done(tok, []byte("x"))
+	}
+	if d.bytes != 10 || len(d.m) != 10 || len(d.ring) != 100 {
+		t.Fatalf("bytes %d, tokens %d, ring %d; want 10, 10, 100", d.bytes, len(d.m), len(d.ring))
+	}
+	if body, st := d.check("w249", "q"); st != dedupeDone || string(body) != "x" {
+		t.Fatalf("w249: %v %q", st, body)
+	}
+}
+
+func TestDedupeHashCollision(t *testing.T) {
+	d := newDedupe(10, 1<<20)
+	long := strings.Repeat("L", 40) // kept outside the slot
+	for _, tok := range []string{"A", long} {
+		d.begin(tok, "q")
+		d.done(tok, []byte(tok))
+		if body, st := d.check(tok, "q"); st != dedupeDone || string(body) != tok {
+			t.Fatalf("%.8s: %v %q", tok, st, body)
+		}
+	}
+	// Another token whose hash is A's: it is not taken for A...
+	hA := maphash.String(d.seed, "A")
+	d.mu.Lock()
+	if i := d.findLocked(hA, "B"); i >= 0 {
+		t.Fatalf("B found in A's slot %d", i)
+	}
+	// ...and remembering it forgets A, whose slot, once reused, leaves
+	// B's entry in the map alone.
+	d.insertLocked(hA, "B", "q")
+	if i := d.findLocked(hA, "A"); i >= 0 {
+		t.Fatalf("A still found, in slot %d", i)
+	}
+	d.evictLocked(0)
+	if i := d.findLocked(hA, "B"); i != 2 {
+		t.Fatalf("B in slot %d, want 2", i)
+	}
+	d.mu.Unlock()
+	if _, st := d.check(long, "q"); st != dedupeDone {
+		t.Fatalf("the long token: state %v", st)
 	}
 }
 

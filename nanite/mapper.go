@@ -74,8 +74,7 @@ type Mapper struct {
 	log      *slog.Logger
 	link     *link
 
-	replyQueue   string         // ReplyQueue(instance)
-	replyHeaders map[string]any // the headers of its requests; never changed
+	replyQueue string // ReplyQueue(instance)
 
 	mu       sync.Mutex
 	reg      *registry
@@ -180,7 +179,6 @@ func NewMapper(cfg MapperConfig) (*Mapper, error) {
 		sem:      make(chan struct{}, cfg.RelayConcurrency),
 	}
 	m.replyQueue = ReplyQueue(m.instance)
-	m.replyHeaders = map[string]any{HeaderReplyTo: m.replyQueue}
 	m.link = m.newMapperLink()
 	return m, nil
 }
@@ -835,12 +833,13 @@ func (m *Mapper) send(ctx context.Context, deadline time.Time, pkt *Packet, agen
 	if err != nil {
 		return err
 	}
+	// No nanite-reply-to header (docs/protocol.md): a request that expires
+	// in an agent's queue expires at its deadline, when this mapper stops
+	// waiting for it anyway, so routing it back would tell nothing; and
+	// the header table is the costliest property to encode and decode.
 	msg := message{Key: queue, Body: body, CorrelationID: pkt.Token, ReplyTo: pkt.ReplyTo,
-		Type: string(pkt.Kind), Persistent: pkt.Persistent, Mandatory: true,
+		Persistent: pkt.Persistent, Mandatory: true,
 		Expiration: time.Until(deadline)}
-	if pkt.ReplyTo != "" {
-		msg.Headers = m.headersFor(pkt.ReplyTo)
-	}
 	return m.link.publishBy(ctx, deadline, 0, msg)
 }
 
@@ -849,14 +848,6 @@ func (m *Mapper) send(ctx context.Context, deadline time.Time, pkt *Packet, agen
 var sendBuffers = sync.Pool{New: func() any { return new([]byte) }}
 
 const maxPooledSendBuffer = 64 << 10
-
-// headersFor returns the headers of a request answered on replyTo.
-func (m *Mapper) headersFor(replyTo string) map[string]any {
-	if replyTo == m.replyQueue {
-		return m.replyHeaders
-	}
-	return map[string]any{HeaderReplyTo: replyTo}
-}
 
 // toFailsafe parks a request in the offline queue, where a mapper daemon
 // holds it until an agent offering the service appears.
@@ -883,10 +874,11 @@ func (m *Mapper) toFailsafe(ctx context.Context, deadline time.Time, pkt *Packet
 		defer m.finishCall(mc)
 	}
 	msg := message{Key: QueueOffline, Body: body, CorrelationID: pkt.Token, ReplyTo: pkt.ReplyTo,
-		Type: string(pkt.Kind), Persistent: pkt.Persistent, Mandatory: true,
+		Persistent: pkt.Persistent, Mandatory: true,
 		Expiration: time.Until(deadline)}
 	if pkt.ReplyTo != "" {
-		msg.Headers = m.headersFor(pkt.ReplyTo)
+		// Expired there, it comes back through nanite.dead (handleReply).
+		msg.Headers = map[string]any{HeaderReplyTo: pkt.ReplyTo}
 	}
 	if err := m.link.publish(ctx, msg); err != nil {
 		return nil, err

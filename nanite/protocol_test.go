@@ -459,8 +459,9 @@ func TestProtocolRawAgent(t *testing.T) {
 			p["reply_to"] != replyTo || p["selector"] != "least_loaded" || p["token"] != resp.Token {
 			t.Errorf("request packet = %v", p)
 		}
-		if d.CorrelationId != resp.Token || d.ReplyTo != replyTo || d.Type != "request" ||
-			d.ContentType != "application/json" || d.Headers[wireReplyHeader] != replyTo {
+		// No type and no nanite-reply-to on a request to an agent queue.
+		if d.CorrelationId != resp.Token || d.ReplyTo != replyTo || d.Type != "" ||
+			d.ContentType != "application/json" || len(d.Headers) != 0 {
 			t.Errorf("request properties: correlation_id %q reply_to %q type %q content_type %q headers %v",
 				d.CorrelationId, d.ReplyTo, d.Type, d.ContentType, d.Headers)
 		}
@@ -714,14 +715,14 @@ func TestProtocolRawRequester(t *testing.T) {
 		send(t, agentQ, request("tok-1", "/calc/add", map[string]int{"a": 2, "b": 3}, time.Now().Add(10*time.Second)), "10000")
 		d, p := rawNext(t, replies, "intermediate", func(_ amqp.Delivery, p map[string]any) bool { return p["token"] == "tok-1" })
 		if p["packet"] != "intermediate" || p["key"] != "step" || p["payload"] != "adding" || p["from"] != "go-agent-1" ||
-			d.CorrelationId != "tok-1" || d.Type != "intermediate" {
+			d.CorrelationId != "tok-1" || d.Type != "" {
 			t.Errorf("intermediate = %v (correlation_id %q, type %q)", p, d.CorrelationId, d.Type)
 		}
 		d, p = rawNext(t, replies, "result", resultFor("tok-1"))
 		if sum := p["payload"].(map[string]any)["sum"]; sum != 5.0 || p["from"] != "go-agent-1" || p["error"] != nil {
 			t.Errorf("result = %v", p)
 		}
-		if d.CorrelationId != "tok-1" || d.Type != "result" || d.ContentType != "application/json" {
+		if d.CorrelationId != "tok-1" || d.Type != "" || d.ContentType != "application/json" {
 			t.Errorf("result properties: correlation_id %q type %q content_type %q", d.CorrelationId, d.Type, d.ContentType)
 		}
 		firstAnswer = d.Body

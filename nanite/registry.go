@@ -308,19 +308,33 @@ func (r *registry) pickInto(dst []*agentEntry, service string, o *requestOptions
 			return append(dst, set.heap.items[0])
 		}
 	}
+	one, all := r.pickSlow(set, service, *o, exclude)
+	if one != nil {
+		return append(dst, one)
+	}
+	if len(all) == 0 {
+		return nil
+	}
+	return append(dst, all...)
+}
+
+// pickSlow is pickInto for the selections that filter (tags, exclusions)
+// or go round: one agent, or all for SelectAll. It takes the options by
+// value and appends to no slice of the caller's, so that the closures and
+// iterators here leave the common path's options and buffer on its stack.
+func (r *registry) pickSlow(set *serviceSet, service string, o requestOptions, exclude map[string]bool) (one *agentEntry, all []*agentEntry) {
 	ok := func(e *agentEntry) bool {
 		return e.member[service] != nil && !exclude[e.Identity] && e.hasTags(o.tags, o.tagMatch)
 	}
-	cands := r.candidates(set, o)
+	cands := r.candidates(set, &o)
 	switch o.selector {
 	case SelectAll:
-		out := dst
 		for e := range cands {
 			if ok(e) {
-				out = append(out, e)
+				all = append(all, e)
 			}
 		}
-		return out
+		return nil, all
 	case SelectRandom:
 		var cands2 []*agentEntry
 		for e := range cands {
@@ -328,21 +342,20 @@ func (r *registry) pickInto(dst []*agentEntry, service string, o *requestOptions
 				cands2 = append(cands2, e)
 			}
 		}
-		cands := cands2
-		if len(cands) == 0 {
-			return nil
+		if len(cands2) == 0 {
+			return nil, nil
 		}
-		return append(dst, cands[rand.IntN(len(cands))])
+		return cands2[rand.IntN(len(cands2))], nil
 	case SelectRoundRobin:
 		n := len(set.list)
 		for i := 0; i < n; i++ {
 			e := set.list[(set.rr+i)%n]
 			if ok(e) {
 				set.rr = (set.rr + i + 1) % n
-				return append(dst, e)
+				return e, nil
 			}
 		}
-		return nil
+		return nil, nil
 	default: // least loaded
 		var best *agentEntry
 		for e := range cands {
@@ -350,10 +363,7 @@ func (r *registry) pickInto(dst []*agentEntry, service string, o *requestOptions
 				best = e
 			}
 		}
-		if best == nil {
-			return nil
-		}
-		return append(dst, best)
+		return best, nil
 	}
 }
 

@@ -121,7 +121,7 @@ func (m *Mapper) relayAnswer(p *Packet, records []ResultRecord, ebody *ErrorBody
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	if err := m.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Type: string(KindResult)}); err != nil {
+	if err := m.link.publish(ctx, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token}); err != nil {
 		m.log.Warn("send relayed result", "err", err)
 	}
 }
