@@ -177,17 +177,11 @@ func TestDecodeElementTruncated(t *testing.T) {
 // elements it stands for; malformed ones are refused as bad requests.
 func TestDone(t *testing.T) {
 	render := func(toks []xml.Token) string {
-		var b bytes.Buffer
-		e := xml.NewEncoder(&b)
-		for _, tk := range toks {
-			if err := e.EncodeToken(tk); err != nil {
-				t.Fatal(err)
-			}
+		b := encodeXML(toks)
+		if b == nil {
+			t.Fatal("tokens do not encode")
 		}
-		if err := e.Flush(); err != nil {
-			t.Fatal(err)
-		}
-		return b.String()
+		return string(b)
 	}
 	decode := func(text string, lim values.Limits) ([]*Element, error) {
 		d := xml.NewDecoder(strings.NewReader(text))
@@ -298,22 +292,13 @@ func TestCallElement(t *testing.T) {
 	if !compactOp(op) {
 		t.Fatal("a plain op is not compacted")
 	}
-	var b bytes.Buffer
-	enc := xml.NewEncoder(&b)
-	for _, tk := range AppendCall(nil, op) {
-		if err := enc.EncodeToken(tk); err != nil {
-			t.Fatal(err)
-		}
-	}
-	if err := enc.Flush(); err != nil {
-		t.Fatal(err)
-	}
-	got, err := decode(b.String())
+	text := string(encodeXML(AppendCall(nil, op)))
+	got, err := decode(text)
 	if err != nil {
 		t.Fatal(err)
 	}
 	if !reflect.DeepEqual(got, op) {
-		t.Errorf("round trip of %s:\n got %+v\nwant %+v", b.String(), got, op)
+		t.Errorf("round trip of %s:\n got %+v\nwant %+v", text, got, op)
 	}
 	for _, c := range []struct{ name, text string }{
 		{"no token", `<call xmlns='urn:nanite:op:0' type='/a/b'/>`},
