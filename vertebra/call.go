@@ -158,7 +158,21 @@ func (e *Endpoint) Call(ctx context.Context, to jid.JID, op string, payload json
 		toks, _ := m.AppendTokens(nil)
 		return iqTokens(c.opID, from, to, toks)
 	}
-	p := e.start(ctx, to, c.opID, build)
+	var p *pending
+	if asCall {
+		// It may go in a <batch> with other ops to the same peer.
+		elem := func() []xml.Token {
+			m := el
+			m.Meta.Timeout = max(time.Until(deadline), time.Millisecond)
+			return AppendCall(nil, &m)
+		}
+		p = e.startOp(from, to, c.opID, build, elem)
+		q := p.queue
+		defer q.inflight.Add(-1) // the op is no longer under way
+
+	} else {
+		p = e.start(ctx, to, c.opID, build)
+	}
 	_, err := e.wait(ctx, p, false)
 	var se *StanzaError
 	if err != nil && asCall && errors.As(err, &se) && se.Err.Type == stanza.Cancel &&

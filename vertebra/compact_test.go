@@ -3,7 +3,11 @@ package vertebra
 import (
 	"encoding/json"
 	"encoding/xml"
+	"errors"
+	"fmt"
+	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 	"time"
 
@@ -115,6 +119,37 @@ func TestCompactOp(t *testing.T) {
 	}
 	meta.Signature = nil
 
+	// Many ops at once to a peer that reads <call> but not <batch>es of
+	// ops: the batch is refused, every op is sent again alone at once and
+	// answered, and the peer is not sent <call>s or batches any more.
+	var wg sync.WaitGroup
+	errs := make(chan error, 40)
+	for i := range 40 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			arg := json.RawMessage(fmt.Sprintf(`{"i":%d}`, i))
+			res, err := caller.Call(ctxTimeout(t, 10*time.Second), to, "/x/y", arg, WithMeta(Meta{RequestID: "many"}))
+			if err == nil && string(res.Value()) != string(arg) {
+				err = fmt.Errorf("op %d: result %s", i, res.Value())
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	if caller.Stats().OpBatches == 0 {
+		t.Error("no batch of ops was tried")
+	}
+	if caller.knowsCompact(to) {
+		t.Error("a peer that refused a batch of ops is still sent <call>s")
+	}
+
 	// The peer is replaced by one that does not read <call>.
 	mu.Lock()
 	received = nil
@@ -149,5 +184,81 @@ func TestCompactOp(t *testing.T) {
 	}
 	if caller.knowsCompact(to) {
 		t.Error("the older peer is still taken to read <call>")
+	}
+}
+
+// TestOpBatches: between two endpoints of this project, many ops at once
+// go as <batch>es of <call>s, answered with their echoes in one IQ-result,
+// and quick ops' results come back in <batch>es of <done>s; streamed and
+// failing ops in the same batches keep their stanzas, in order; every call
+// gets exactly its own answer. Two components on a real prosody.
+func TestOpBatches(t *testing.T) {
+	p := runProsody(t)
+	var runs atomic.Int64
+	resp := NewEndpoint(Config{Handler: streamHandler(&runs)})
+	startConn(t, DialConfig{JID: jid.MustParse(testComponent2), Secret: testSecret, Addr: p.ComponentAddr()}, resp)
+	caller := NewEndpoint(Config{})
+	startConn(t, componentDial(p), caller)
+	to := jid.MustParse("svc@" + testComponent2)
+	// The first op teaches the caller that the peer is this project's.
+	if _, err := caller.Call(ctxTimeout(t, 5*time.Second), to, "/test/echo", json.RawMessage(`1`)); err != nil {
+		t.Fatal(err)
+	}
+	for round := 0; round < 3 || round < 8 && (caller.Stats().OpBatches == 0 || resp.Stats().ResultBatches == 0); round++ {
+		var wg sync.WaitGroup
+		errs := make(chan error, 64)
+		for i := range 64 {
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				ctx := ctxTimeout(t, 20*time.Second)
+				switch i % 8 {
+				case 0: // streamed: intermediate results, then the result
+					var keys []string
+					res, err := caller.Call(ctx, to, "/test/stream", nil, OnData(func(d Data) {
+						if d.Intermediate {
+							keys = append(keys, string(d.Payload))
+						}
+					}))
+					if err == nil && (string(res.Value()) != `"done"` || strings.Join(keys, ",") != `{"step":1},{"step":2},{"step":3}`) {
+						err = fmt.Errorf("stream: %s after %v", res.Value(), keys)
+					}
+					errs <- err
+				case 1: // failing
+					_, err := caller.Call(ctx, to, "/test/fail", nil)
+					var oe *OpError
+					if !errors.As(err, &oe) || oe.Code != "boom" {
+						errs <- fmt.Errorf("fail: %v", err)
+						return
+					}
+					errs <- nil
+				default:
+					arg := json.RawMessage(fmt.Sprintf(`{"round":%d,"i":%d}`, round, i))
+					res, err := caller.Call(ctx, to, "/test/echo", arg)
+					if err == nil && string(res.Value()) != string(arg) {
+						err = fmt.Errorf("op %d: result %s", i, res.Value())
+					}
+					errs <- err
+				}
+			}()
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Error(err)
+			}
+		}
+	}
+	cs, rs := caller.Stats(), resp.Stats()
+	t.Logf("caller: %d batches of ops; responder: %d received, %d batches of results; resent %d/%d", cs.OpBatches, rs.OpBatchesReceived, rs.ResultBatches, cs.Resent, rs.Resent)
+	if cs.OpBatches == 0 || rs.OpBatchesReceived != cs.OpBatches || rs.ResultBatches == 0 {
+		t.Errorf("batches: caller sent %d, responder received %d and sent %d of results", cs.OpBatches, rs.OpBatchesReceived, rs.ResultBatches)
+	}
+	if n := runs.Load(); n != rs.OpsServed {
+		t.Errorf("handler ran %d times for %d ops", n, rs.OpsServed)
+	}
+	if cs.OpsCalled != rs.OpsServed {
+		t.Errorf("%d calls, %d ops served", cs.OpsCalled, rs.OpsServed)
 	}
 }

@@ -562,3 +562,62 @@ func DecodeBatch(r xml.TokenReader, start xml.StartElement, lim values.Limits) (
 		}
 	}
 }
+
+// decodeAnyBatch reads a <batch>: either a responder's stanzas of one or
+// several ops (lifecycle elements, and <done> for a whole quick op) or
+// several ops (<op> or <call>, ops true), at most MaxBatch elements.
+func decodeAnyBatch(r xml.TokenReader, start xml.StartElement, lim values.Limits) (els []*Element, ops bool, err error) {
+	if start.Name.Space != NSMeta || start.Name.Local != "batch" {
+		return nil, false, badRequest("element {%s}%s is not a batch", start.Name.Space, start.Name.Local)
+	}
+	children := 0
+	for {
+		tok, err := r.Token()
+		if err != nil {
+			if err == io.EOF {
+				err = io.ErrUnexpectedEOF
+			}
+			return nil, false, badRequest("<batch>: %v", err)
+		}
+		switch t := tok.(type) {
+		case xml.CharData:
+			if strings.Trim(string(t), " \t\r\n") != "" {
+				return nil, false, badRequest("text inside <batch>")
+			}
+		case xml.StartElement:
+			if children == MaxBatch {
+				return nil, false, badRequest("more than %d elements in <batch>", MaxBatch)
+			}
+			children++
+			var el *Element
+			var done []*Element
+			switch t.Name {
+			case callName:
+				el, err = DecodeCall(r, t, lim)
+			case doneName:
+				// A whole quick op's stanzas (its echo went before).
+				done, err = DecodeDone(r, t, lim)
+				if err == nil {
+					el, done = done[1], done[2:]
+				}
+			default:
+				el, err = DecodeElement(r, t, lim)
+			}
+			if err != nil {
+				return nil, false, err
+			}
+			if len(els) == 0 {
+				ops = el.Kind == KindOp
+			} else if (el.Kind == KindOp) != ops {
+				return nil, false, badRequest("ops and other elements in one <batch>")
+			}
+			els = append(els, el)
+			els = append(els, done...)
+		case xml.EndElement:
+			if len(els) == 0 {
+				return nil, false, badRequest("empty <batch>")
+			}
+			return els, ops, nil
+		}
+	}
+}

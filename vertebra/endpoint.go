@@ -66,6 +66,15 @@ type Config struct {
 	// NoBatch makes calls without offering batching (as a plain Vertebra
 	// peer would).
 	NoBatch bool
+	// OpHold is how long the first send of an op (or a quick op's result
+	// to a caller that batches its ops) may wait for others to the same
+	// peer, to go with them in one <batch>, when more than 8 ops (or any
+	// result) are already under way to that peer (never otherwise: then it
+	// leaves at once).
+	// Only between this project's peers (see docs/xmpp.md, "Batches of
+	// ops"). Default 1 ms; negative: never wait (they still go together
+	// when they queue behind a write).
+	OpHold time.Duration
 	// NoCompact makes calls offer batching but not the compact echo
 	// <done> (as a peer that predates it would; see AppendDone).
 	NoCompact bool
@@ -90,6 +99,9 @@ func (c *Config) setDefaults() {
 	def(&c.Linger, 5*time.Second)
 	if c.Hold == 0 {
 		c.Hold = 2 * time.Millisecond
+	}
+	if c.OpHold == 0 {
+		c.OpHold = time.Millisecond
 	}
 	if c.RetryMax < c.RetryInitial {
 		c.RetryMax = c.RetryInitial
@@ -145,6 +157,7 @@ type Endpoint struct {
 	// (true: they read <call> too, see AppendCall) and those that then
 	// refused a <call> (false: not learnt again).
 	compactPeers sync.Map // string → bool
+	queues       sync.Map // from+" "+to → *opQueue
 	compactN     atomic.Int64
 
 	rtt     rttEstimator
@@ -154,6 +167,7 @@ type Endpoint struct {
 
 	stats struct {
 		sent, received, resent, dupOps, dupStanzas, served, called atomic.Int64
+		opBatches, opBatchesReceived, resultBatches                atomic.Int64
 	}
 }
 
@@ -166,6 +180,12 @@ type Stats struct {
 	DuplicateStanzas int64 // ack/data/final/... received again and confirmed without delivering them
 	OpsServed        int64 // ops run by the handler
 	OpsCalled        int64 // calls made
+	// OpBatches are the <batch>es of several ops sent (each one IQ-set),
+	// OpBatchesReceived those received (see AppendOps).
+	OpBatches, OpBatchesReceived int64
+	// ResultBatches are the <batch>es holding several ops' stanzas sent
+	// by a responder (to callers that sent it <batch>es of ops).
+	ResultBatches int64
 }
 
 // Stats returns the endpoint's counters.
@@ -173,7 +193,8 @@ func (e *Endpoint) Stats() Stats {
 	s := &e.stats
 	return Stats{Sent: s.sent.Load(), Received: s.received.Load(), Resent: s.resent.Load(),
 		DuplicateOps: s.dupOps.Load(), DuplicateStanzas: s.dupStanzas.Load(),
-		OpsServed: s.served.Load(), OpsCalled: s.called.Load()}
+		OpsServed: s.served.Load(), OpsCalled: s.called.Load(),
+		OpBatches: s.opBatches.Load(), OpBatchesReceived: s.opBatchesReceived.Load(), ResultBatches: s.resultBatches.Load()}
 }
 
 // NewEndpoint returns an endpoint with no session yet.
@@ -290,7 +311,19 @@ type pending struct {
 	ch    chan response      // capacity 1
 	werr  error              // the last write's error
 	sent  time.Time          // first sent
+	// ops, on the IQ-set of a <batch> of ops, are the ops' own pendings:
+	// its IQ-result holds their echoes (see sendOps).
+	ops     []*pending
+	results bool // ops are a responder's stanzas: confirmed all at once
+	// elem returns the op's element for a <batch> of ops (nil: not
+	// batchable); queue is the peer's queue it went through.
+	elem  func() []xml.Token
+	queue *opQueue
 }
+
+// errResendNow, delivered to an op's pending, makes it send the op again
+// at once, alone (its <batch> of ops was refused).
+var errResendNow = errors.New("vertebra: send again alone")
 
 // rttEstimator smooths the round trips of confirmations (Jacobson and
 // Karels, as TCP's RFC 6298), measured on stanzas sent once only.
@@ -386,6 +419,214 @@ func (e *Endpoint) write(_ context.Context, toks []xml.Token) error {
 	return s.Send(context.Background(), &tokenSlice{toks: toks})
 }
 
+// writeReader sends a stanza given as a token reader.
+func (e *Endpoint) writeReader(r xml.TokenReader) error {
+	s := e.sess.Load()
+	if s == nil {
+		return ErrNotConnected
+	}
+	return s.Send(context.Background(), r)
+}
+
+// opHoldBusy is how many ops must be under way to a peer before a new one
+// waits up to Config.OpHold for others to go with: below it, batching
+// would cost latency that nothing pays back (fewer requests than that at
+// once are bound by latency, not by CPU). Results wait whenever another is
+// under way: they only go through the queue when the caller batches its ops
+// (then each unbatched result would cost an IQ-set and its confirmation).
+const opHoldBusy = 8
+
+// opQueue holds the first sends of ops to one peer (from, to) while
+// another goroutine writes: it then sends them together, as one <batch>
+// of ops (sendOps). Nothing waits to be batched: an op is sent at once
+// when no write to that peer is under way.
+type opQueue struct {
+	results  bool // a responder's stanzas of several ops, not ops
+	mu       sync.Mutex
+	writing  bool
+	held     bool // a timer will send what is queued
+	q        []*pending
+	inflight atomic.Int64 // ops sent, echo not yet received
+}
+
+// startOp is start for an op whose element elem can go in a <batch> of
+// ops to from→to (a peer known to read them, see AppendOps).
+func (e *Endpoint) startOp(from, to jid.JID, id string, build, elem func() []xml.Token) *pending {
+	return e.startQueued(false, from, to, id, build, elem)
+}
+
+// startQueued is start through the queue of from→to for ops or, with
+// results, for a responder's stanzas (see opQueue).
+func (e *Endpoint) startQueued(results bool, from, to jid.JID, id string, build, elem func() []xml.Token) *pending {
+	p := &pending{id: id, to: to, build: build, elem: elem, ch: make(chan response, 1), sent: time.Now()}
+	e.mu.Lock()
+	e.pending[id] = p
+	e.mu.Unlock()
+	e.stats.sent.Add(1)
+	key := from.String() + " " + to.String()
+	if results {
+		key += " results"
+	}
+	qv, ok := e.queues.Load(key)
+	if !ok {
+		qv, _ = e.queues.LoadOrStore(key, &opQueue{results: results})
+	}
+	q := qv.(*opQueue)
+	p.queue = q
+	busy := q.inflight.Add(1) > opHoldBusy || results && q.inflight.Load() > 1
+	q.mu.Lock()
+	q.q = append(q.q, p)
+	if q.writing || q.held && len(q.q) < MaxBatch {
+		q.mu.Unlock()
+		return p
+	}
+	if busy && e.cfg.OpHold > 0 && len(q.q) < MaxBatch {
+		// Ops to this peer are under way: wait a little for more to send
+		// with this one (as Nagle's algorithm does for TCP).
+		q.held = true
+		q.mu.Unlock()
+		time.AfterFunc(e.cfg.OpHold, func() {
+			q.mu.Lock()
+			q.held = false
+			if q.writing {
+				q.mu.Unlock()
+				return
+			}
+			q.writing = true
+			q.mu.Unlock()
+			e.drain(q, from, to)
+		})
+		return p
+	}
+	q.held = false
+	q.writing = true
+	q.mu.Unlock()
+	e.drain(q, from, to)
+	return p
+}
+
+// drain sends what q holds, as long as it holds any.
+func (e *Endpoint) drain(q *opQueue, from, to jid.JID) {
+	for {
+		q.mu.Lock()
+		batch := q.q
+		if len(batch) > MaxBatch {
+			batch, q.q = batch[:MaxBatch:MaxBatch], batch[MaxBatch:]
+		} else {
+			q.q = nil
+		}
+		if len(batch) == 0 {
+			q.writing = false
+			q.mu.Unlock()
+			return
+		}
+		q.mu.Unlock()
+		if len(batch) == 1 {
+			// Not batch[0].werr: its own goroutine may be resending it.
+			if err := e.write(e.ctx, batch[0].build()); err != nil {
+				e.log.Debug("vertebra: send", "id", batch[0].id, "to", to, "err", err)
+			}
+			continue
+		}
+		e.sendOps(from, to, batch, q.results)
+	}
+}
+
+// sendOps sends ops as one <batch> of ops, whose IQ-result holds their
+// echoes. Each op still waits for its own echo and, without one, sends
+// itself again alone.
+func (e *Endpoint) sendOps(from, to jid.JID, ops []*pending, results bool) {
+	name := xml.Name{Space: NSMeta, Local: "batch"}
+	toks := []xml.Token{xml.StartElement{Name: name}}
+	for _, op := range ops {
+		toks = append(toks, op.elem()...)
+	}
+	toks = append(toks, xml.EndElement{Name: name})
+	id := newID()
+	bp := &pending{id: id, to: to, ops: ops, results: results, ch: make(chan response, 1), sent: time.Now()}
+	e.mu.Lock()
+	e.pending[id] = bp
+	e.mu.Unlock()
+	if results {
+		e.stats.resultBatches.Add(1)
+	} else {
+		e.stats.opBatches.Add(1)
+	}
+	if err := e.write(e.ctx, iqTokens(id, from, to, toks)); err != nil {
+		// Each op sends itself again when its wait is up.
+		e.log.Debug("vertebra: send a batch", "id", id, "to", to, "ops", len(ops), "err", err)
+	}
+	// Unanswered, it is forgotten once the ops have long been sent again.
+	time.AfterFunc(4*e.cfg.RetryMax, func() {
+		e.mu.Lock()
+		delete(e.pending, id)
+		e.mu.Unlock()
+	})
+}
+
+// opsAnswered takes the answer to a <batch> of ops: each echo to its op;
+// a refusal sends each op again, alone, at once, and no more batches or
+// <call>s to that peer.
+func (e *Endpoint) opsAnswered(iq stanza.IQ, bp *pending, t xmlstream.TokenReadEncoder, start *xml.StartElement) {
+	resendAll := func() {
+		for _, op := range bp.ops {
+			op.deliver(response{err: errResendNow})
+		}
+	}
+	if bp.results {
+		if iq.Type == stanza.ErrorIQ {
+			resendAll()
+			return
+		}
+		for _, op := range bp.ops {
+			op.deliver(response{})
+		}
+		return
+	}
+	if iq.Type == stanza.ErrorIQ || start == nil || start.Name.Space != NSMeta || start.Name.Local != "batch" {
+		var cond stanza.Condition
+		if iq.Type == stanza.ErrorIQ {
+			var rd xml.TokenReader = t
+			if start != nil && start.Name.Local != "" {
+				rd = xmlstream.MultiReader(xmlstream.Token(*start), t)
+			}
+			if se, err := stanza.UnmarshalError(rd); err == nil {
+				cond = se.Condition
+			}
+		}
+		if cond != stanza.ResourceConstraint {
+			e.forgetCompact(bp.to)
+		}
+		e.log.Debug("vertebra: batch of ops refused; sending each alone", "to", bp.to, "condition", cond)
+		resendAll()
+		return
+	}
+	for {
+		tok, err := t.Token()
+		if err != nil {
+			break
+		}
+		st, ok := tok.(xml.StartElement)
+		if !ok {
+			continue
+		}
+		r := e.readEcho(iq.From, bp.to, &st, t)
+		if r.err != nil || r.token == "" {
+			break // the ops not answered send themselves again
+		}
+		T, _ := splitToken(r.token)
+		e.mu.Lock()
+		var op *pending
+		if c := e.calls[T]; c != nil {
+			op = e.pending[c.opID]
+		}
+		e.mu.Unlock()
+		if op != nil {
+			op.deliver(r)
+		}
+	}
+}
+
 // start registers an IQ-set and sends it once; wait then waits for the
 // answer, sending again as needed. Stanzas started one after the other
 // leave in that order.
@@ -423,6 +664,11 @@ func (e *Endpoint) wait(ctx context.Context, p *pending, retryUnavailable bool) 
 					e.rtt.sample(time.Since(p.sent))
 				}
 				return r, nil
+			}
+			if r.err == errResendNow {
+				e.stats.sent.Add(1)
+				p.werr = e.write(ctx, p.build())
+				continue
 			}
 			var se *StanzaError
 			if !errors.As(r.err, &se) || !(se.retryable() || retryUnavailable && errors.Is(se, ErrUnavailable) &&
@@ -484,9 +730,15 @@ func (h respHandler) HandleIQ(iq stanza.IQ, t xmlstream.TokenReadEncoder, start 
 	if p == nil || !fromMatches(iq.From, p.to) {
 		return nil // not ours, or late
 	}
+	if p.ops != nil {
+		e.mu.Lock()
+		delete(e.pending, p.id)
+		e.mu.Unlock()
+		e.opsAnswered(iq, p, t, start)
+		return nil
+	}
 	var r response
-	switch {
-	case iq.Type == stanza.ErrorIQ:
+	if iq.Type == stanza.ErrorIQ {
 		var rd xml.TokenReader = t
 		if start != nil && start.Name.Local != "" {
 			rd = xmlstream.MultiReader(xmlstream.Token(*start), t)
@@ -500,37 +752,53 @@ func (h respHandler) HandleIQ(iq stanza.IQ, t xmlstream.TokenReadEncoder, start 
 			from = p.to
 		}
 		r.err = &StanzaError{From: from, Err: se}
-	case start != nil && start.Name.Space == NS && start.Name.Local == string(KindOp):
+	} else {
+		r = e.readEcho(iq.From, p.to, start, t)
+	}
+	p.deliver(r)
+	return nil
+}
+
+// readEcho reads the echo of an op sent to to that start opens (<op>, a
+// <batch> starting with it, or <done>), delivers the op's elements it
+// carries, and returns the echo's token (or a bad-request error).
+func (e *Endpoint) readEcho(from, to jid.JID, start *xml.StartElement, t xml.TokenReader) response {
+	var r response
+	bad := func(what string, err error) response {
+		e.log.Debug("vertebra: bad "+what+" in an op's result", "from", from, "err", err)
+		return response{err: &StanzaError{From: from, Err: stanza.Error{Type: stanza.Cancel, Condition: stanza.BadRequest}}}
+	}
+	switch {
+	case start == nil:
+	case start.Name.Space == NS && start.Name.Local == string(KindOp):
 		r.token = attrValue(start.Attr, "token")
-	case start != nil && start.Name.Space == NSMeta && start.Name.Local == "batch":
+		if err := xmlstream.Skip(t); err != nil {
+			return bad("echo", err)
+		}
+	case start.Name.Space == NSMeta && start.Name.Local == "batch":
 		// The echo of an op holding the op's stanzas (a component
 		// responder that held its echo).
 		els, err := DecodeBatch(t, *start, e.cfg.Limits)
 		if err != nil || els[0].Kind != KindOp {
-			e.log.Debug("vertebra: bad batch in an op's result", "from", iq.From, "err", err)
-			r.err = &StanzaError{From: iq.From, Err: stanza.Error{Type: stanza.Cancel, Condition: stanza.BadRequest}}
-			break
+			return bad("batch", err)
 		}
 		r.token = els[0].Token
 		if len(els) > 1 {
-			e.deliverEvents(iq.From, "", els[1:])
+			e.deliverEvents(from, "", els[1:])
 		}
-	case start != nil && start.Name == doneName:
+	case start.Name == doneName:
 		// The compact echo of a quick op (AppendDone).
 		els, err := DecodeDone(t, *start, e.cfg.Limits)
 		if err != nil {
-			e.log.Debug("vertebra: bad done in an op's result", "from", iq.From, "err", err)
-			r.err = &StanzaError{From: iq.From, Err: stanza.Error{Type: stanza.Cancel, Condition: stanza.BadRequest}}
-			break
+			return bad("done", err)
 		}
 		r.token = els[0].Token
 		if !e.cfg.NoCompact {
-			e.learnCompact(p.to) // before the call can end and another begin
+			e.learnCompact(to) // before the call can end and another begin
 		}
-		e.deliverEvents(iq.From, "", els[1:])
+		e.deliverEvents(from, "", els[1:])
 	}
-	p.deliver(r)
-	return nil
+	return r
 }
 
 func attrValue(attrs []xml.Attr, local string) string {
@@ -577,9 +845,10 @@ func (h setHandler) HandleIQ(iq stanza.IQ, t xmlstream.TokenReadEncoder, start *
 		el, err = DecodeCall(t, *start, e.cfg.Limits)
 		els = []*Element{el}
 	} else if start.Name.Space == NSMeta {
-		els, err = DecodeBatch(t, *start, e.cfg.Limits)
-		if err == nil && els[0].Kind == KindOp {
-			err = badRequest("an op in a <batch>")
+		var ops bool
+		els, ops, err = decodeAnyBatch(t, *start, e.cfg.Limits)
+		if err == nil && ops {
+			return e.handleOps(iq, els, t)
 		}
 	} else {
 		var el *Element
@@ -591,9 +860,67 @@ func (h setHandler) HandleIQ(iq stanza.IQ, t xmlstream.TokenReadEncoder, start *
 		return writeIQError(t, iq, stanza.Modify, stanza.BadRequest, err.Error())
 	}
 	if els[0].Kind == KindOp {
-		return e.handleOp(iq, els[0], t)
+		return e.handleOp(iq, els[0], t, nil, 0)
+	}
+	for _, el := range els[1:] {
+		if el.Token != els[0].Token {
+			return e.handleReplies(iq, els, t)
+		}
 	}
 	return e.handleReply(iq, els, t)
+}
+
+// handleReplies receives a responder's stanzas of several of our calls in
+// one <batch>: each call gets its own, in order; one confirmation for all.
+// When a call cannot take more now, the whole batch is refused (wait): the
+// responder sends each op's stanzas again alone, and those delivered
+// already are recognised by their sequence numbers.
+func (e *Endpoint) handleReplies(iq stanza.IQ, els []*Element, t xmlstream.TokenReadEncoder) error {
+	var order []string
+	byToken := map[string][]*Element{}
+	for _, el := range els {
+		if _, ok := byToken[el.Token]; !ok {
+			order = append(order, el.Token)
+		}
+		byToken[el.Token] = append(byToken[el.Token], el)
+	}
+	busy := false
+	for _, tok := range order {
+		if e.deliverEvents(iq.From, iq.ID, byToken[tok]) == deliverBusy {
+			busy = true
+		}
+	}
+	if busy {
+		return writeIQError(t, iq, stanza.Wait, stanza.ResourceConstraint, "caller busy")
+	}
+	return writeIQResult(t, iq, nil)
+}
+
+// handleOps serves a <batch> of ops (AppendOps): their echoes go in one
+// IQ-result (opGroup).
+func (e *Endpoint) handleOps(iq stanza.IQ, ops []*Element, t xmlstream.TokenReadEncoder) error {
+	if e.ctx.Err() != nil {
+		return writeIQError(t, iq, stanza.Cancel, stanza.ServiceUnavailable, "shutting down")
+	}
+	if e.running.Load()+int64(len(ops)) > int64(e.cfg.MaxOps) {
+		return writeIQError(t, iq, stanza.Wait, stanza.ResourceConstraint, "too many ops in progress")
+	}
+	e.stats.opBatchesReceived.Add(1)
+	g := &opGroup{parts: make([][]xml.Token, len(ops))}
+	for i, el := range ops {
+		if err := e.handleOp(iq, el, t, g, i); err != nil {
+			return err
+		}
+	}
+	name := xml.Name{Space: NSMeta, Local: "batch"}
+	toks := []xml.Token{xml.StartElement{Name: name}}
+	for _, p := range g.parts {
+		toks = append(toks, p...) // an op refused (shutting down, too many): none; it is sent again alone
+	}
+	if len(toks) == 1 {
+		return writeIQError(t, iq, stanza.Wait, stanza.ResourceConstraint, "no op accepted")
+	}
+	return writeIQResult(t, iq, append(toks, xml.EndElement{Name: name}))
 }
 
 func writeIQError(w xmlstream.TokenWriter, iq stanza.IQ, typ stanza.ErrorType, cond stanza.Condition, text string) error {

@@ -62,6 +62,9 @@ type served struct {
 	batch  bool // the caller accepts batches
 	// compact: the caller accepts the compact echo <done>.
 	compact bool
+	// multi: the op came in a <batch> of ops, so its caller reads
+	// <batch>es of several ops' stanzas: they go through an opQueue.
+	multi bool
 
 	// echoMu guards the echo: a component holds it back (echoHeld) to
 	// send the op's first stanzas in it; echoEls are the stanzas it
@@ -101,7 +104,17 @@ func (s *served) echo() []xml.Token {
 	}
 }
 
-func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEncoder) error {
+// handleOp registers an op and starts it. With g, the op is the slot-th of
+// a <batch> of ops (IQ iq) whose echoes go in one IQ-result (opGroup);
+// otherwise its echo answers iq through t.
+func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEncoder, g *opGroup, slot int) error {
+	answer := func(toks []xml.Token) error {
+		if g != nil {
+			g.put(slot, toks)
+			return nil
+		}
+		return writeIQResult(t, iq, toks)
+	}
 	key := opKey{from: iq.From.String(), token: el.Token}
 	now := time.Now()
 	e.mu.Lock()
@@ -109,7 +122,7 @@ func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEnco
 		e.mu.Unlock()
 		e.stats.dupOps.Add(1)
 		e.log.Debug("vertebra: duplicate of a finished op", "from", iq.From, "token", el.Token)
-		return writeIQResult(t, iq, decodeXML(d.echo))
+		return answer(decodeXML(d.echo))
 	}
 	if s := e.served[key]; s != nil {
 		e.mu.Unlock()
@@ -120,17 +133,25 @@ func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEnco
 		if s.echoHeld {
 			// Still held: answer now; the stanzas go as IQ-sets.
 			s.echoHeld = false
-			return writeIQResult(t, iq, s.echo())
+			return answer(s.echo())
 		}
-		return writeIQResult(t, iq, s.echoLocked())
+		return answer(s.echoLocked())
 	}
 	if e.ctx.Err() != nil {
 		e.mu.Unlock()
+		if g != nil {
+			g.put(slot, nil)
+			return nil
+		}
 		return writeIQError(t, iq, stanza.Cancel, stanza.ServiceUnavailable, "shutting down")
 	}
 	e.sweepLocked(now)
 	if e.running.Load() >= int64(e.cfg.MaxOps) {
 		e.mu.Unlock()
+		if g != nil {
+			g.put(slot, nil)
+			return nil
+		}
 		return writeIQError(t, iq, stanza.Wait, stanza.ResourceConstraint, "too many ops in progress")
 	}
 	e.running.Add(1)
@@ -149,15 +170,17 @@ func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEnco
 		batch: el.Meta.Batch && e.cfg.Hold > 0,
 	}
 	s.compact = s.batch && el.Meta.Compact
+	s.multi = g != nil
 	// A component may answer an IQ later (a client's session answers one
 	// left unanswered with an error at once): hold the echo back to send
-	// the op's first stanzas, often all of them, in it.
-	s.echoHeld = s.batch && e.component.Load()
+	// the op's first stanzas, often all of them, in it. Not in a <batch>
+	// of ops: their echoes answer it at once.
+	s.echoHeld = s.batch && e.component.Load() && g == nil
 	s.ctx, s.cancel = context.WithDeadline(e.ctx, s.req.Deadline)
 	e.served[key] = s
 	e.mu.Unlock()
 	if !s.echoHeld {
-		if err := writeIQResult(t, iq, s.echo()); err != nil {
+		if err := answer(s.echo()); err != nil {
 			s.cancel()
 			e.running.Add(-1)
 			e.mu.Lock()
@@ -521,11 +544,23 @@ func (w *Reply) transmitLocked(ctx context.Context, els []*Element) error {
 	}
 	id := newID()
 	full := iqTokens(id, w.s.local, w.s.req.From, toks)
-	p := w.e.start(w.s.ctx, w.s.req.From, id, func() []xml.Token { return full })
+	var p *pending
+	if pl, agent, ok := compactDone(els); ok && w.s.multi {
+		// A whole quick op, for a caller that reads <batch>es of several
+		// ops' stanzas: it may go, as a <done>, with others to it.
+		unit := AppendDone(nil, w.s.req.Token, agent, pl)
+		p = w.e.startQueued(true, w.s.local, w.s.req.From, id, func() []xml.Token { return full },
+			func() []xml.Token { return unit })
+	} else {
+		p = w.e.start(w.s.ctx, w.s.req.From, id, func() []xml.Token { return full })
+	}
 	w.wg.Add(1)
 	go func() {
 		defer w.wg.Done()
 		_, err := w.e.wait(w.s.ctx, p, true)
+		if p.queue != nil {
+			p.queue.inflight.Add(-1)
+		}
 		<-w.window
 		if err != nil {
 			w.abandon(err)
@@ -557,3 +592,13 @@ func (w *Reply) finish(herr error) {
 	}
 	_ = w.Fail(ctx, code, messageOf(herr))
 }
+
+// opGroup collects the echoes of a <batch> of ops received in one IQ-set
+// (each as it would answer the op alone), to answer them in one IQ-result,
+// <batch> of them in the ops' order. The echoes are not held: the ops'
+// stanzas follow as IQ-sets, batched across ops (see opQueue).
+type opGroup struct {
+	parts [][]xml.Token
+}
+
+func (g *opGroup) put(slot int, toks []xml.Token) { g.parts[slot] = toks }

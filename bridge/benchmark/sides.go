@@ -320,6 +320,9 @@ func (s *sites) counters() map[string]int64 {
 		put(name+".xmpp.iq_sets_received", es.Received)
 		put(name+".xmpp.resent", es.Resent)
 		put(name+".xmpp.duplicate_ops", es.DuplicateOps)
+		put(name+".xmpp.op_batches_sent", es.OpBatches)
+		put(name+".xmpp.op_batches_received", es.OpBatchesReceived)
+		put(name+".xmpp.result_batches_sent", es.ResultBatches)
 		put(name+".xmpp.duplicate_stanzas", es.DuplicateStanzas)
 	}
 	for name, ep := range map[string]*vertebra.Endpoint{"raw-a": s.rawA, "raw-b": s.rawB} {
