@@ -462,7 +462,6 @@ func (e *Endpoint) startQueued(results bool, from, to jid.JID, id string, build,
 	e.mu.Lock()
 	e.pending[id] = p
 	e.mu.Unlock()
-	e.stats.sent.Add(1)
 	key := from.String() + " " + to.String()
 	if results {
 		key += " results"
@@ -523,6 +522,7 @@ func (e *Endpoint) drain(q *opQueue, from, to jid.JID) {
 		q.mu.Unlock()
 		if len(batch) == 1 {
 			// Not batch[0].werr: its own goroutine may be resending it.
+			e.stats.sent.Add(1)
 			if err := e.write(e.ctx, batch[0].build()); err != nil {
 				e.log.Debug("vertebra: send", "id", batch[0].id, "to", to, "err", err)
 			}
@@ -547,6 +547,7 @@ func (e *Endpoint) sendOps(from, to jid.JID, ops []*pending, results bool) {
 	e.mu.Lock()
 	e.pending[id] = bp
 	e.mu.Unlock()
+	e.stats.sent.Add(1) // one IQ-set for them all
 	if results {
 		e.stats.resultBatches.Add(1)
 	} else {
