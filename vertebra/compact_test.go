@@ -262,3 +262,48 @@ func TestOpBatches(t *testing.T) {
 		t.Errorf("%d calls, %d ops served", cs.OpsCalled, rs.OpsServed)
 	}
 }
+
+// TestCompactWithAgent: an XMPP agent (a c2s client, which cannot hold an
+// op's echo) sends a quick op's ack, result and final to a caller that
+// reads <done> as one <done> IQ-set; the caller then knows the agent reads
+// <call> and, with many ops at once, batches of them. Real prosody.
+func TestCompactWithAgent(t *testing.T) {
+	p := runProsody(t)
+	a := startAgent(t, AgentConfig{Dial: clientDial(t, p, "agent1"), Handler: &fakeActors{}})
+	caller := NewEndpoint(Config{})
+	startConn(t, componentDial(p), caller)
+	res, err := caller.Call(ctxTimeout(t, 5*time.Second), a.JID(), "/echo/say", json.RawMessage(`"first"`))
+	if err != nil || string(res.Value()) != `"first"` {
+		t.Fatalf("first op: %v %v", res, err)
+	}
+	if !caller.knowsCompact(a.JID()) {
+		t.Fatal("the agent's <done> was not taken as reading <call>")
+	}
+	var wg sync.WaitGroup
+	errs := make(chan error, 48)
+	for i := range 48 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			arg := json.RawMessage(fmt.Sprintf(`"op %d"`, i))
+			res, err := caller.Call(ctxTimeout(t, 10*time.Second), a.JID(), "/echo/say", arg)
+			if err == nil && string(res.Value()) != string(arg) {
+				err = fmt.Errorf("op %d: result %s", i, res.Value())
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
+	}
+	if caller.Stats().OpBatches == 0 {
+		t.Error("no batch of ops to the agent")
+	}
+	if !caller.knowsCompact(a.JID()) {
+		t.Error("the agent refused a batch")
+	}
+}

@@ -264,6 +264,7 @@ func (e *Endpoint) Handle() mux.Option {
 		mux.IQ(stanza.SetIQ, xml.Name{Space: NS}, setHandler{e})(m)
 		mux.IQ(stanza.SetIQ, xml.Name{Space: NSMeta, Local: "batch"}, setHandler{e})(m)
 		mux.IQ(stanza.SetIQ, callName, setHandler{e})(m)
+		mux.IQ(stanza.SetIQ, doneName, setHandler{e})(m)
 		mux.IQ(stanza.ResultIQ, xml.Name{}, respHandler{e})(m)
 		mux.IQ(stanza.ErrorIQ, xml.Name{}, respHandler{e})(m)
 	}
@@ -845,6 +846,14 @@ func (h setHandler) HandleIQ(iq stanza.IQ, t xmlstream.TokenReadEncoder, start *
 		var el *Element
 		el, err = DecodeCall(t, *start, e.cfg.Limits)
 		els = []*Element{el}
+	} else if start.Name == doneName {
+		// A whole quick op's stanzas after its bare echo (AppendDone).
+		if els, err = DecodeDone(t, *start, e.cfg.Limits); err == nil {
+			els = els[1:]
+			if !e.cfg.NoCompact {
+				e.learnCompact(iq.From) // before the call can end and another begin
+			}
+		}
 	} else if start.Name.Space == NSMeta {
 		var ops bool
 		els, ops, err = decodeAnyBatch(t, *start, e.cfg.Limits)

@@ -542,10 +542,16 @@ func (w *Reply) transmitLocked(ctx context.Context, els []*Element) error {
 		w.abandon(context.Cause(w.s.ctx))
 		return *w.abandoned.Load()
 	}
+	pl, agent, whole := compactDone(els)
+	if whole && w.s.compact {
+		// A whole quick op for a caller that reads <done>: one element
+		// (a responder that could not hold the op's echo, e.g. a client).
+		toks = AppendDone(nil, w.s.req.Token, agent, pl)
+	}
 	id := newID()
 	full := iqTokens(id, w.s.local, w.s.req.From, toks)
 	var p *pending
-	if pl, agent, ok := compactDone(els); ok && w.s.multi {
+	if whole && w.s.multi {
 		// A whole quick op, for a caller that reads <batch>es of several
 		// ops' stanzas: it may go, as a <done>, with others to it.
 		unit := AppendDone(nil, w.s.req.Token, agent, pl)
