@@ -168,7 +168,7 @@ func (e *Endpoint) Call(ctx context.Context, to jid.JID, op string, payload json
 		}
 		p = e.startOp(from, to, c.opID, build, elem)
 		q := p.queue
-		defer q.inflight.Add(-1) // the op is no longer under way
+		defer e.queueDone(q) // the op is no longer under way
 
 	} else {
 		p = e.start(ctx, to, c.opID, build)

@@ -185,6 +185,11 @@ func TestCompactOp(t *testing.T) {
 	if caller.knowsCompact(to) {
 		t.Error("the older peer is still taken to read <call>")
 	}
+	n := 0
+	caller.queues.Range(func(k, v any) bool { n++; return true })
+	if n != 0 {
+		t.Errorf("%d queues of ops kept with no op under way", n)
+	}
 }
 
 // TestOpBatches: between two endpoints of this project, many ops at once
@@ -302,6 +307,18 @@ func TestCompactWithAgent(t *testing.T) {
 	}
 	if caller.Stats().OpBatches == 0 {
 		t.Error("no batch of ops to the agent")
+	}
+	// (The agent's last results are under way until their confirmations
+	// arrive, just after the calls end.)
+	for _, ep := range []*Endpoint{caller, a.Endpoint()} {
+		n := -1
+		for end := time.Now().Add(5 * time.Second); n != 0 && time.Now().Before(end); time.Sleep(10 * time.Millisecond) {
+			n = 0
+			ep.queues.Range(func(k, v any) bool { n++; return true })
+		}
+		if n != 0 {
+			t.Errorf("%d queues kept with nothing under way", n)
+		}
 	}
 	if !caller.knowsCompact(a.JID()) {
 		t.Error("the agent refused a batch")

@@ -442,12 +442,28 @@ const opHoldBusy = 8
 // of ops (sendOps). Nothing waits to be batched: an op is sent at once
 // when no write to that peer is under way.
 type opQueue struct {
-	results  bool // a responder's stanzas of several ops, not ops
+	results  bool   // a responder's stanzas of several ops, not ops
+	key      string // in Endpoint.queues
 	mu       sync.Mutex
 	writing  bool
 	held     bool // a timer will send what is queued
 	q        []*pending
 	inflight atomic.Int64 // ops sent, echo not yet received
+}
+
+// queueDone says that one of q's ops (or results) is no longer under way;
+// the last one takes an idle queue out of Endpoint.queues, so that peers
+// called once do not stay there. (An op that took q just before is still
+// sent by it; the next ones make a new queue.)
+func (e *Endpoint) queueDone(q *opQueue) {
+	if q.inflight.Add(-1) != 0 {
+		return
+	}
+	q.mu.Lock()
+	if !q.writing && !q.held && len(q.q) == 0 {
+		e.queues.CompareAndDelete(q.key, q)
+	}
+	q.mu.Unlock()
 }
 
 // startOp is start for an op whose element elem can go in a <batch> of
@@ -469,7 +485,7 @@ func (e *Endpoint) startQueued(results bool, from, to jid.JID, id string, build,
 	}
 	qv, ok := e.queues.Load(key)
 	if !ok {
-		qv, _ = e.queues.LoadOrStore(key, &opQueue{results: results})
+		qv, _ = e.queues.LoadOrStore(key, &opQueue{results: results, key: key})
 	}
 	q := qv.(*opQueue)
 	p.queue = q

@@ -565,7 +565,7 @@ func (w *Reply) transmitLocked(ctx context.Context, els []*Element) error {
 		defer w.wg.Done()
 		_, err := w.e.wait(w.s.ctx, p, true)
 		if p.queue != nil {
-			p.queue.inflight.Add(-1)
+			w.e.queueDone(p.queue)
 		}
 		<-w.window
 		if err != nil {
