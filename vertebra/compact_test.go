@@ -122,27 +122,7 @@ func TestCompactOp(t *testing.T) {
 	// Many ops at once to a peer that reads <call> but not <batch>es of
 	// ops: the batch is refused, every op is sent again alone at once and
 	// answered, and the peer is not sent <call>s or batches any more.
-	var wg sync.WaitGroup
-	errs := make(chan error, 40)
-	for i := range 40 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			arg := json.RawMessage(fmt.Sprintf(`{"i":%d}`, i))
-			res, err := caller.Call(ctxTimeout(t, 10*time.Second), to, "/x/y", arg, WithMeta(Meta{RequestID: "many"}))
-			if err == nil && string(res.Value()) != string(arg) {
-				err = fmt.Errorf("op %d: result %s", i, res.Value())
-			}
-			errs <- err
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Error(err)
-		}
-	}
+	echoAtOnce(t, caller, to, "/x/y", 40, WithMeta(Meta{RequestID: "many"}))
 	if caller.Stats().OpBatches == 0 {
 		t.Error("no batch of ops was tried")
 	}
@@ -284,27 +264,7 @@ func TestCompactWithAgent(t *testing.T) {
 	if !caller.knowsCompact(a.JID()) {
 		t.Fatal("the agent's <done> was not taken as reading <call>")
 	}
-	var wg sync.WaitGroup
-	errs := make(chan error, 48)
-	for i := range 48 {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			arg := json.RawMessage(fmt.Sprintf(`"op %d"`, i))
-			res, err := caller.Call(ctxTimeout(t, 10*time.Second), a.JID(), "/echo/say", arg)
-			if err == nil && string(res.Value()) != string(arg) {
-				err = fmt.Errorf("op %d: result %s", i, res.Value())
-			}
-			errs <- err
-		}()
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		if err != nil {
-			t.Error(err)
-		}
-	}
+	echoAtOnce(t, caller, a.JID(), "/echo/say", 48)
 	if caller.Stats().OpBatches == 0 {
 		t.Error("no batch of ops to the agent")
 	}
@@ -322,5 +282,32 @@ func TestCompactWithAgent(t *testing.T) {
 	}
 	if !caller.knowsCompact(a.JID()) {
 		t.Error("the agent refused a batch")
+	}
+}
+
+// echoAtOnce makes n calls of the echoing service svc at to at once, each
+// with its own argument, and checks that each gets exactly its argument.
+func echoAtOnce(t *testing.T, caller *Endpoint, to jid.JID, svc string, n int, opts ...CallOption) {
+	t.Helper()
+	var wg sync.WaitGroup
+	errs := make(chan error, n)
+	for i := range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			arg := json.RawMessage(fmt.Sprintf(`{"i":%d}`, i))
+			res, err := caller.Call(ctxTimeout(t, 10*time.Second), to, svc, arg, opts...)
+			if err == nil && string(res.Value()) != string(arg) {
+				err = fmt.Errorf("op %d: result %s", i, res.Value())
+			}
+			errs <- err
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Error(err)
+		}
 	}
 }

@@ -184,16 +184,9 @@ func TestDone(t *testing.T) {
 		return string(b)
 	}
 	decode := func(text string, lim values.Limits) ([]*Element, error) {
-		d := xml.NewDecoder(strings.NewReader(text))
-		for {
-			tok, err := d.Token()
-			if err != nil {
-				return nil, err
-			}
-			if st, ok := tok.(xml.StartElement); ok {
-				return DecodeDone(d, st, lim)
-			}
-		}
+		return decodeFirst(text, func(r xml.TokenReader, st xml.StartElement) ([]*Element, error) {
+			return DecodeDone(r, st, lim)
+		})
 	}
 	describeAll := func(els []*Element) string {
 		var s []string
@@ -274,16 +267,9 @@ func TestDone(t *testing.T) {
 // ones are bad requests; what compactOp leaves as <op>.
 func TestCallElement(t *testing.T) {
 	decode := func(text string) (*Element, error) {
-		d := xml.NewDecoder(strings.NewReader(text))
-		for {
-			tok, err := d.Token()
-			if err != nil {
-				return nil, err
-			}
-			if st, ok := tok.(xml.StartElement); ok {
-				return DecodeCall(d, st, values.Limits{})
-			}
-		}
+		return decodeFirst(text, func(r xml.TokenReader, st xml.StartElement) (*Element, error) {
+			return DecodeCall(r, st, values.Limits{})
+		})
 	}
 	at := time.Date(2026, 11, 26, 1, 2, 3, 4, time.UTC)
 	op := &Element{Kind: KindOp, Token: "T", Type: "/a/b", Scope: ScopeSingle, Payload: json.RawMessage(`[1,{"a":"<x>"}]`),
@@ -327,6 +313,21 @@ func TestCallElement(t *testing.T) {
 		m(&e)
 		if compactOp(&e) {
 			t.Errorf("%s: compacted", name)
+		}
+	}
+}
+
+// decodeFirst reads the first element of text with decode.
+func decodeFirst[T any](text string, decode func(xml.TokenReader, xml.StartElement) (T, error)) (T, error) {
+	d := xml.NewDecoder(strings.NewReader(text))
+	for {
+		tok, err := d.Token()
+		if err != nil {
+			var zero T
+			return zero, err
+		}
+		if st, ok := tok.(xml.StartElement); ok {
+			return decode(d, st)
 		}
 	}
 }
