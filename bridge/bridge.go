@@ -806,29 +806,39 @@ func errorCode(err error) (code, msg string) {
 // stream forwards a mapper's intermediate results to the XMPP caller in
 // order, without blocking the mapper's reply goroutine (push never blocks;
 // the queue is bounded by the mapper's payload limits and the deadline).
+// Its goroutine starts with the first intermediate result: most requests
+// have none, and a goroutine started and woken per op is latency on every
+// relayed request.
 type stream struct {
-	ctx  context.Context
-	w    *vertebra.Reply
-	mu   sync.Mutex
-	q    []nanite.Intermediate
-	wake chan struct{}
-	done chan struct{}
-	shut bool
-	err  error
+	ctx     context.Context
+	w       *vertebra.Reply
+	mu      sync.Mutex
+	q       []nanite.Intermediate
+	wake    chan struct{}
+	done    chan struct{}
+	started bool
+	shut    bool
+	err     error
 }
 
 func newStream(ctx context.Context, w *vertebra.Reply) *stream {
-	s := &stream{ctx: ctx, w: w, wake: make(chan struct{}, 1), done: make(chan struct{})}
-	go s.run()
-	return s
+	return &stream{ctx: ctx, w: w, wake: make(chan struct{}, 1), done: make(chan struct{})}
 }
 
 func (s *stream) push(in nanite.Intermediate) {
 	s.mu.Lock()
-	if !s.shut {
-		s.q = append(s.q, in)
+	if s.shut {
+		s.mu.Unlock()
+		return
 	}
+	s.q = append(s.q, in)
+	start := !s.started
+	s.started = true
 	s.mu.Unlock()
+	if start {
+		go s.run()
+		return
+	}
 	select {
 	case s.wake <- struct{}{}:
 	default:
@@ -866,7 +876,11 @@ func (s *stream) run() {
 func (s *stream) close() error {
 	s.mu.Lock()
 	s.shut = true
+	started := s.started
 	s.mu.Unlock()
+	if !started {
+		return nil
+	}
 	select {
 	case s.wake <- struct{}{}:
 	default:

@@ -155,7 +155,7 @@ func sendPresence(_ context.Context, s *xmpp.Session, to jid.JID, load float64) 
 	status := xml.Name{Local: "status"}
 	toks := []xml.Token{xml.StartElement{Name: status}, xml.CharData(FormatLoad(load)), xml.EndElement{Name: status}}
 	// Not ctx: see Endpoint.write.
-	return s.Send(context.Background(), p.Wrap(&tokenSlice{toks: toks}))
+	return sendStanza(s, p.Wrap(&tokenSlice{toks: toks}))
 }
 
 // FormatLoad is how an agent's load is written in its presence status.

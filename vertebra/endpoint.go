@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/xml"
 	"errors"
+	"fmt"
 	"io"
 	"log/slog"
 	"strings"
@@ -417,16 +418,35 @@ func (e *Endpoint) write(_ context.Context, toks []xml.Token) error {
 	if s == nil {
 		return ErrNotConnected
 	}
-	return s.Send(context.Background(), &tokenSlice{toks: toks})
+	return sendTokens(s, toks)
 }
 
-// writeReader sends a stanza given as a token reader.
-func (e *Endpoint) writeReader(r xml.TokenReader) error {
-	s := e.sess.Load()
-	if s == nil {
-		return ErrNotConnected
+// sendStanza writes the first element r reads to s, as Session.Send does,
+// but through the session's token writer: Send (mellium v0.22.0) starts a
+// goroutine per stanza to watch its context, even one that never ends, and
+// wakes it when done; two goroutine switches per stanza are a good part of
+// the latency of an op when the machine is otherwise idle.
+func sendStanza(s *xmpp.Session, r xml.TokenReader) error {
+	tok, err := r.Token()
+	if err != nil {
+		return fmt.Errorf("vertebra: send: %w", err)
 	}
-	return s.Send(context.Background(), r)
+	start, ok := tok.(xml.StartElement)
+	if !ok {
+		return errors.New("vertebra: send: a stanza must start with an element")
+	}
+	w := s.TokenWriter()
+	err = w.EncodeToken(start)
+	if err == nil {
+		_, err = xmlstream.Copy(w, xmlstream.Inner(r))
+	}
+	if err == nil {
+		err = w.EncodeToken(start.End())
+	}
+	if cerr := w.Close(); err == nil {
+		err = cerr
+	}
+	return err
 }
 
 // opHoldBusy is how many ops must be under way to a peer before a new one
