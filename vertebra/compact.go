@@ -198,11 +198,12 @@ func readJSONText(r xml.TokenReader, start xml.StartElement, lim values.Limits) 
 //
 //	<call xmlns="urn:nanite:op:0" token="T" type="/actor/method"
 //	      deadline-ms="9999" request-id="..." selector="..." hops="by at by at"
-//	      batch="1" compact="1">"the arguments as JSON"</call>
+//	      >"the arguments as JSON"</call>
 //
 // instead of <op> with typed values and a <meta> (and a <hop> element per
-// bridge). A peer that refuses it (an older one) is sent <op> again and not
-// sent <call> any more.
+// bridge); batch and compact are true unless an attribute says "0" (only
+// callers that read <done> send <call>). A peer that refuses it (an older
+// one) is sent <op> again and not sent <call> any more.
 
 var callName = xml.Name{Space: NSMeta, Local: "call"}
 
@@ -259,11 +260,13 @@ func AppendCall(toks []xml.Token, op *Element) []xml.Token {
 	if m.Persistent {
 		attr("persistent", "1")
 	}
-	if m.Batch {
-		attr("batch", "1")
+	// A <call> goes only to peers that read <done>, from callers that do:
+	// batch and compact are its default, said only when false.
+	if !m.Batch {
+		attr("batch", "0")
 	}
-	if m.Compact {
-		attr("compact", "1")
+	if !m.Compact {
+		attr("compact", "0")
 	}
 	toks = append(toks, st)
 	if len(op.Payload) > 0 {
@@ -332,6 +335,12 @@ func DecodeCall(r xml.TokenReader, start xml.StartElement, lim values.Limits) (*
 		return nil, err
 	}
 	el.Meta.Hops = hops
+	if attrValue(start.Attr, "batch") == "" {
+		el.Meta.Batch = true
+	}
+	if attrValue(start.Attr, "compact") == "" {
+		el.Meta.Compact = true
+	}
 	el.Meta.Seq, el.Meta.Intermediate, el.Meta.Key, el.Meta.Agent, el.Meta.Failed = 0, false, "", "", false
 	p, err := readJSONText(r, start, lim)
 	if err != nil {

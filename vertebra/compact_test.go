@@ -1,10 +1,12 @@
 package vertebra
 
 import (
+	"context"
 	"encoding/json"
 	"encoding/xml"
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -182,7 +184,9 @@ func TestOpBatches(t *testing.T) {
 	var runs atomic.Int64
 	resp := NewEndpoint(Config{Handler: streamHandler(&runs)})
 	startConn(t, DialConfig{JID: jid.MustParse(testComponent2), Secret: testSecret, Addr: p.ComponentAddr()}, resp)
-	caller := NewEndpoint(Config{})
+	// Every echo must arrive in its batch's answer (<got> or held
+	// stanzas): a lost one would be sent again after 30 s, and counted.
+	caller := NewEndpoint(Config{RetryInitial: 30 * time.Second, RetryMax: 30 * time.Second})
 	startConn(t, componentDial(p), caller)
 	to := jid.MustParse("svc@" + testComponent2)
 	// The first op teaches the caller that the peer is this project's.
@@ -245,6 +249,9 @@ func TestOpBatches(t *testing.T) {
 	}
 	if cs.OpsCalled != rs.OpsServed {
 		t.Errorf("%d calls, %d ops served", cs.OpsCalled, rs.OpsServed)
+	}
+	if cs.Resent != 0 || rs.DuplicateOps != 0 {
+		t.Errorf("%d ops sent again, %d duplicates received: echoes were lost", cs.Resent, rs.DuplicateOps)
 	}
 }
 
@@ -309,5 +316,59 @@ func echoAtOnce(t *testing.T, caller *Endpoint, to jid.JID, svc string, n int, o
 		if err != nil {
 			t.Error(err)
 		}
+	}
+}
+
+// TestBatchEchoes: the echoes of a <batch> of ops come back at once, as
+// a <got> list, while the ops still run; without them every op would be
+// sent again when its wait for the echo is up.
+func TestBatchEchoes(t *testing.T) {
+	p := runProsody(t)
+	release := make(chan struct{})
+	resp := NewEndpoint(Config{Handler: OpHandlerFunc(func(ctx context.Context, req *Request, w *Reply) error {
+		if string(req.Payload) != "0" {
+			select {
+			case <-release:
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		if err := w.Data(ctx, req.Payload); err != nil {
+			return err
+		}
+		return w.Final(ctx)
+	})})
+	startConn(t, DialConfig{JID: jid.MustParse(testComponent2), Secret: testSecret, Addr: p.ComponentAddr()}, resp)
+	caller := NewEndpoint(Config{RetryInitial: 700 * time.Millisecond, RetryMax: time.Second})
+	startConn(t, componentDial(p), caller)
+	to := jid.MustParse("svc@" + testComponent2)
+	if _, err := caller.Call(ctxTimeout(t, 5*time.Second), to, "/test/echo", json.RawMessage(`0`)); err != nil {
+		t.Fatal(err)
+	}
+	const n = 32
+	errs := make(chan error, n)
+	for i := range n {
+		go func() {
+			res, err := caller.Call(ctxTimeout(t, 20*time.Second), to, "/test/echo", json.RawMessage(strconv.Itoa(i+1)))
+			if err == nil && string(res.Value()) != strconv.Itoa(i+1) {
+				err = fmt.Errorf("op %d: result %s", i+1, res.Value())
+			}
+			errs <- err
+		}()
+	}
+	// Longer than the wait for an echo, shorter than the ops' deadline.
+	time.Sleep(2 * time.Second)
+	close(release)
+	for range n {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	cs, rs := caller.Stats(), resp.Stats()
+	if cs.OpBatches == 0 {
+		t.Fatalf("no batch of ops sent (%+v)", cs)
+	}
+	if cs.Resent != 0 || rs.DuplicateOps != 0 {
+		t.Errorf("%d IQ-sets sent again, %d duplicate ops received: the echoes of the batches were lost", cs.Resent, rs.DuplicateOps)
 	}
 }

@@ -286,6 +286,16 @@ func TestCallElement(t *testing.T) {
 	if !reflect.DeepEqual(got, op) {
 		t.Errorf("round trip of %s:\n got %+v\nwant %+v", text, got, op)
 	}
+	if strings.Contains(text, "batch=") || strings.Contains(text, "compact=") {
+		t.Errorf("a <call> says batch or compact when true: %s", text)
+	}
+	// False is said, and read back.
+	plain := *op
+	plain.Meta.Batch, plain.Meta.Compact = false, false
+	text = string(encodeXML(AppendCall(nil, &plain)))
+	if got, err = decode(text); err != nil || !reflect.DeepEqual(got, &plain) {
+		t.Errorf("round trip of %s:\n got %+v, %v\nwant %+v", text, got, err, &plain)
+	}
 	for _, c := range []struct{ name, text string }{
 		{"no token", `<call xmlns='urn:nanite:op:0' type='/a/b'/>`},
 		{"no type", `<call xmlns='urn:nanite:op:0' token='T'/>`},

@@ -648,20 +648,36 @@ func (e *Endpoint) opsAnswered(iq stanza.IQ, bp *pending, t xmlstream.TokenReadE
 		if !ok {
 			continue
 		}
+		if st.Name == gotName {
+			text, err := readText(t, st, MaxBatch*(maxTokenLen+1))
+			if err != nil {
+				e.log.Debug("vertebra: bad <got> in a batch's result", "from", iq.From, "err", err)
+				break
+			}
+			for _, tok := range strings.Fields(text) {
+				e.echoed(response{token: tok})
+			}
+			continue
+		}
 		r := e.readEcho(iq.From, bp.to, &st, t)
 		if r.err != nil || r.token == "" {
 			break // the ops not answered send themselves again
 		}
-		T, _ := splitToken(r.token)
-		e.mu.Lock()
-		var op *pending
-		if c := e.calls[T]; c != nil {
-			op = e.pending[c.opID]
-		}
-		e.mu.Unlock()
-		if op != nil {
-			op.deliver(r)
-		}
+		e.echoed(r)
+	}
+}
+
+// echoed delivers the echo of an op of a batch to its op.
+func (e *Endpoint) echoed(r response) {
+	T, _ := splitToken(r.token)
+	e.mu.Lock()
+	var op *pending
+	if c := e.calls[T]; c != nil {
+		op = e.pending[c.opID]
+	}
+	e.mu.Unlock()
+	if op != nil {
+		op.deliver(r)
 	}
 }
 
@@ -958,15 +974,48 @@ func (e *Endpoint) handleOps(iq stanza.IQ, ops []*Element, t xmlstream.TokenRead
 			return err
 		}
 	}
-	name := xml.Name{Space: NSMeta, Local: "batch"}
-	toks := []xml.Token{xml.StartElement{Name: name}}
+	// The bare echoes (most of them) go as one <got> list of tokens; the
+	// others (a duplicate's held stanzas) as they are.
+	var got []byte
+	var others []xml.Token
 	for _, p := range g.parts {
-		toks = append(toks, p...) // an op refused (shutting down, too many): none; it is sent again alone
+		if tok, ok := bareEcho(p); ok {
+			if len(got) > 0 {
+				got = append(got, ' ')
+			}
+			got = append(got, tok...)
+			continue
+		}
+		others = append(others, p...) // an op refused (shutting down, too many): none; it is sent again alone
 	}
+	name := xml.Name{Space: NSMeta, Local: "batch"}
+	toks := make([]xml.Token, 0, len(others)+5)
+	toks = append(toks, xml.StartElement{Name: name})
+	if len(got) > 0 {
+		toks = append(toks, xml.StartElement{Name: gotName}, xml.CharData(got), xml.EndElement{Name: gotName})
+	}
+	toks = append(toks, others...)
 	if len(toks) == 1 {
 		return writeIQError(t, iq, stanza.Wait, stanza.ResourceConstraint, "no op accepted")
 	}
 	return writeIQResult(t, iq, append(toks, xml.EndElement{Name: name}))
+}
+
+// gotName is the list of the bare echoes of a <batch> of ops, in its
+// IQ-result: their tokens (T:S), separated by spaces.
+var gotName = xml.Name{Space: NSMeta, Local: "got"}
+
+// bareEcho returns the token of toks when they are an op's bare echo.
+func bareEcho(toks []xml.Token) (string, bool) {
+	if len(toks) != 2 {
+		return "", false
+	}
+	st, ok := toks[0].(xml.StartElement)
+	if !ok || st.Name.Space != NS || st.Name.Local != string(KindOp) {
+		return "", false
+	}
+	tok := attrValue(st.Attr, "token")
+	return tok, tok != "" && !strings.ContainsAny(tok, " \t\r\n")
 }
 
 func writeIQError(w xmlstream.TokenWriter, iq stanza.IQ, typ stanza.ErrorType, cond stanza.Condition, text string) error {
