@@ -25,13 +25,17 @@ const (
 	SideNaniteA = "nanite-a" // diagnostic: nanite in-cluster request at A
 	SideOp      = "op"       // diagnostic: vertebra op between the raw components
 	SideNaniteB = "nanite-b" // diagnostic: nanite in-cluster request at B
+	// SideRawChain is diagnostic: cross's path with nothing of the project
+	// in it (raw AMQP RPC at A to a raw relay, raw IQ to a raw relay at B,
+	// raw AMQP RPC at B, and back).
+	SideRawChain = "raw-chain"
 )
 
 // DefaultSides are measured by default: the raw legs and the cross-site
 // request. AllSides adds the diagnostic sides, in the order they run.
 var (
 	DefaultSides = []string{SideAMQPA, SideXMPP, SideAMQPB, SideCross}
-	AllSides     = []string{SideAMQPA, SideXMPP, SideAMQPB, SideNaniteA, SideOp, SideNaniteB, SideCross}
+	AllSides     = []string{SideAMQPA, SideXMPP, SideAMQPB, SideNaniteA, SideOp, SideNaniteB, SideRawChain, SideCross}
 )
 
 // Defaults.
@@ -275,6 +279,11 @@ type Cell struct {
 	// bridges add beyond the nanite and ops protocols themselves.
 	SumProjectP50us float64 `json:"sum_of_project_legs_p50_us,omitempty"`
 	P50VsProject    float64 `json:"cross_p50_vs_project_legs,omitempty"`
+	// P50VsChain is cross's p50 over raw-chain's: the same path, processes
+	// and machine, with nothing of the project in it.
+	P50VsChain float64 `json:"cross_p50_vs_raw_chain,omitempty"`
+	// RPSVsChain is cross's throughput over raw-chain's.
+	RPSVsChain float64 `json:"cross_req_per_s_vs_raw_chain,omitempty"`
 	// RPSVsXMPP is cross's throughput over xmpp's.
 	RPSVsXMPP float64 `json:"cross_req_per_s_vs_xmpp,omitempty"`
 	// CPUBoundVsXMPP is xmpp's CPU per request over cross's, this process
@@ -326,6 +335,9 @@ func (c *Cell) judge() {
 	}
 	c.P50VsSum = quo(cross.P50us, c.SumRawP50us)
 	c.P50VsProject = quo(cross.P50us, c.SumProjectP50us)
+	if ch := c.Result(SideRawChain); ch != nil {
+		c.P50VsChain, c.RPSVsChain = quo(cross.P50us, ch.P50us), quo(cross.RPS, ch.RPS)
+	}
 	if x := c.Result(SideXMPP); x != nil {
 		c.RPSVsXMPP = quo(cross.RPS, x.RPS)
 		if x.CPUus > 0 && x.BrokerCPUus > 0 && cross.CPUus > 0 && cross.BrokerCPUus > 0 {
@@ -429,6 +441,10 @@ func definitions(cfg Config) []Definition {
 		SideOp: "vertebra op from " + d.RawA + " to an echo handler at echo@" + d.RawB +
 			" (op, echo with ack+data+final batched, as bridge B answers); what the XMPP leg of cross costs in the ops protocol",
 		SideNaniteB: "nanite request at B: an embedded mapper at B to the echo agent at B (" + EchoService + ")",
+		SideRawChain: "cross's path with nothing of the project in it: a raw AMQP RPC at A to a raw relay (amqp091-go, " +
+			"a goroutine per request) that sends the payload in an IQ-set from " + d.RawA + " to relay@" + d.RawB +
+			", whose handler makes a raw AMQP RPC at B (as amqp-b) and answers with its result; what the machine " +
+			"charges for the chain of four processes that cross crosses",
 		SideCross: "requester at A (embedded nanite mapper) asks " + EchoService + " -> bridge A's proxy agent -> op from A's " +
 			"cluster JID to B's over XMPP -> bridge B's mapper -> echo agent at B, and back; every answer must equal the payload",
 	}

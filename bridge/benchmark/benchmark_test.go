@@ -19,8 +19,8 @@ func TestBenchParseSides(t *testing.T) {
 	}{
 		{nil, "amqp-a xmpp amqp-b cross"},
 		{[]string{"cross", "amqp-a"}, "amqp-a cross"},
-		{[]string{"all"}, "amqp-a xmpp amqp-b nanite-a op nanite-b cross"},
-		{[]string{"op", "all"}, "amqp-a xmpp amqp-b nanite-a op nanite-b cross"},
+		{[]string{"all"}, "amqp-a xmpp amqp-b nanite-a op nanite-b raw-chain cross"},
+		{[]string{"op", "all"}, "amqp-a xmpp amqp-b nanite-a op nanite-b raw-chain cross"},
 	} {
 		got, err := ParseSides(c.in)
 		if err != nil || strings.Join(got, " ") != c.want {
@@ -39,9 +39,10 @@ func TestBenchJudge(t *testing.T) {
 		return r
 	}
 	c := Cell{Outstanding: 1, Results: []Result{res(SideAMQPA, 200, 5000), res(SideXMPP, 200, 5000), res(SideAMQPB, 200, 5000),
-		res(SideCross, 700, 1400)}}
+		res(SideRawChain, 560, 1750), res(SideCross, 700, 1400)}}
 	c.judge()
-	if c.SumRawP50us != 600 || c.P50VsSum != 700.0/600 || c.P50Pass == nil || !*c.P50Pass || c.RPSPass != nil {
+	if c.SumRawP50us != 600 || c.P50VsSum != 700.0/600 || c.P50Pass == nil || !*c.P50Pass || c.RPSPass != nil ||
+		c.P50VsChain != 700.0/560 || c.RPSVsChain != 1400.0/1750 {
 		t.Errorf("at 1: %+v", c)
 	}
 	c = Cell{Outstanding: 64, Results: []Result{res(SideAMQPA, 2000, 30000), res(SideXMPP, 5000, 13000),
@@ -109,7 +110,7 @@ func TestBenchRun(t *testing.T) {
 				t.Errorf("%s at %d: %+v", r.Side, c.Outstanding, r.Measure)
 			}
 		}
-		if c.SumRawP50us <= 0 || c.P50VsSum <= 0 || c.RPSVsXMPP <= 0 || c.SumProjectP50us <= 0 {
+		if c.SumRawP50us <= 0 || c.P50VsSum <= 0 || c.RPSVsXMPP <= 0 || c.SumProjectP50us <= 0 || c.P50VsChain <= 0 {
 			t.Errorf("%d outstanding: derived figures %+v", c.Outstanding, c)
 		}
 	}
@@ -134,7 +135,7 @@ func TestBenchRun(t *testing.T) {
 	if err := rep.WriteTable(&out); err != nil {
 		t.Fatal(err)
 	}
-	for _, want := range []string{"sum of raw legs", "sum of project legs", "cross", "p50<=1.30x sum of raw legs"} {
+	for _, want := range []string{"sum of raw legs", "sum of project legs", "cross", "x raw-chain p50", "p50<=1.30x sum of raw legs"} {
 		if !strings.Contains(out.String(), want) {
 			t.Errorf("table lacks %q:\n%s", want, out.String())
 		}

@@ -73,9 +73,10 @@ func (r *Report) WriteTable(w io.Writer) error {
 		return err
 	}
 
-	project := false
+	project, chain := false, false
 	for _, c := range r.Cells {
 		project = project || c.SumProjectP50us > 0
+		chain = chain || c.P50VsChain > 0
 	}
 	if _, err := fmt.Fprintln(w, "\ncross-site request against its legs (same cells, same run):"); err != nil {
 		return err
@@ -84,6 +85,9 @@ func (r *Report) WriteTable(w io.Writer) error {
 	head := "out\t|\tsum of raw legs p50\tcross p50\tx sum\ttarget\t|\txmpp req/s\tcross req/s\tx xmpp\ttarget\tcpu-bound x xmpp\t"
 	if project {
 		head += "|\tsum of project legs p50\tx project\t"
+	}
+	if chain {
+		head += "|\tx raw-chain p50\tx raw-chain req/s\t"
 	}
 	fmt.Fprintln(tw, head)
 	for _, c := range r.Cells {
@@ -100,6 +104,9 @@ func (r *Report) WriteTable(w io.Writer) error {
 			ratio(c.CPUBoundVsXMPP)}
 		if project {
 			row = append(row, "|", nb.FormatMicros(c.SumProjectP50us), ratio(c.P50VsProject))
+		}
+		if chain {
+			row = append(row, "|", ratio(c.P50VsChain), ratio(c.RPSVsChain))
 		}
 		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"mellium.im/xmlstream"
@@ -33,9 +34,12 @@ type sites struct {
 	cfg     *Config
 	closers []func() error
 
-	// The raw components, shared by xmpp and op.
+	// The raw components, shared by xmpp, op and raw-chain.
 	rawA, rawB *vertebra.Endpoint
 	rawASess   *xmpp.Session
+	rawBSess   atomic.Pointer[xmpp.Session]
+	// The raw AMQP echo at B that the raw chain's relay at B calls.
+	chainB atomic.Pointer[nb.RawEcho]
 	// The echo agent at B, shared by nanite-b and cross.
 	echoB bool
 	// The bridges, for their counters.
@@ -132,6 +136,8 @@ func (s *sites) side(ctx context.Context, name string) (side nb.Side, err error)
 			return nil, err
 		}
 		return &naniteSide{name: name, m: m, service: EchoService}, nil
+	case SideRawChain:
+		return s.rawChain(ctx)
 	case SideCross:
 		return s.cross(ctx)
 	}
@@ -160,9 +166,11 @@ func (s *sites) components(ctx context.Context) error {
 		return w.Data(ctx, req.Payload)
 	})
 	rawB := vertebra.NewEndpoint(vertebra.Config{Handler: echoOp, Logger: s.cfg.Logger})
-	if _, err := dial(d.RawB, rawB, mux.IQ(stanza.SetIQ, echoName, echoIQ{})); err != nil {
+	sessB, err := dial(d.RawB, rawB, mux.IQ(stanza.SetIQ, echoName, echoIQ{}), mux.IQ(stanza.SetIQ, relayName, relayIQ{s}))
+	if err != nil {
 		return err
 	}
+	s.rawBSess.Store(sessB)
 	rawA := vertebra.NewEndpoint(vertebra.Config{Logger: s.cfg.Logger})
 	sess, err := dial(d.RawA, rawA)
 	if err != nil {
@@ -222,6 +230,32 @@ func (s *sites) mapper(ctx context.Context, url, service string) (*nanite.Mapper
 	}
 	err = wait(wctx, "an agent offering "+service, func(ctx context.Context) error { return m.WaitForAgents(ctx, service, 1) })
 	return m, err
+}
+
+// rawChain sets up the raw chain: a raw AMQP relay at A whose server sends
+// each request as an IQ-set from raw A to raw B, whose relay makes a raw
+// AMQP RPC at B with it; each answer goes back the same way.
+func (s *sites) rawChain(ctx context.Context) (nb.Side, error) {
+	if err := s.components(ctx); err != nil {
+		return nil, err
+	}
+	echoB, err := nb.NewRawEcho(ctx, "raw-chain-b", s.cfg.URLB, nanite.DefaultPrefetch)
+	if err != nil {
+		return nil, err
+	}
+	s.closers = append(s.closers, echoB.Close)
+	s.chainB.Store(echoB)
+	d := s.cfg.Domains
+	runCtx := context.WithoutCancel(ctx) // see xmppSide
+	from, to := jid.MustParse(d.RawA), jid.MustParse("relay@"+d.RawB)
+	relayA, err := nb.NewRawRelay(ctx, SideRawChain, s.cfg.URLA, nanite.DefaultPrefetch, func(_ context.Context, body []byte) ([]byte, error) {
+		return rawIQ(runCtx, s.rawASess, from, to, relayName, body)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("the raw chain does not answer: %w", err)
+	}
+	s.closers = append(s.closers, relayA.Close)
+	return relayA, nil
 }
 
 // cross sets up the two bridges (B exports /bench/* to A, A imports it),
@@ -389,36 +423,81 @@ type xmppSide struct {
 func (x *xmppSide) Name() string { return SideXMPP }
 
 func (x *xmppSide) Do(_ context.Context, payload []byte) error {
-	iq := stanza.IQ{Type: stanza.SetIQ, From: x.from, To: x.to}
-	body := &tokens{toks: []xml.Token{xml.StartElement{Name: echoName}, xml.CharData(payload), xml.EndElement{Name: echoName}}}
-	resp, err := x.s.SendIQ(x.ctx, iq.Wrap(body))
+	text, err := rawIQ(x.ctx, x.s, x.from, x.to, echoName, payload)
 	if err != nil {
-		return err
+		return fmt.Errorf("raw XMPP echo: %w", err)
+	}
+	if len(text) != len(payload) {
+		return fmt.Errorf("raw XMPP echo: %d bytes came back for %d", len(text), len(payload))
+	}
+	return nil
+}
+
+// rawIQ sends an IQ-set from→to carrying payload as the text of an
+// element name and returns the text of the IQ-result.
+func rawIQ(ctx context.Context, s *xmpp.Session, from, to jid.JID, name xml.Name, payload []byte) ([]byte, error) {
+	iq := stanza.IQ{Type: stanza.SetIQ, From: from, To: to}
+	body := &tokens{toks: []xml.Token{xml.StartElement{Name: name}, xml.CharData(payload), xml.EndElement{Name: name}}}
+	resp, err := s.SendIQ(ctx, iq.Wrap(body))
+	if err != nil {
+		return nil, err
 	}
 	defer resp.Close()
 	tok, err := resp.Token()
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if st, ok := tok.(xml.StartElement); !ok || attr(st, "type") != string(stanza.ResultIQ) {
-		return fmt.Errorf("raw XMPP echo: answered with %v", tok)
+		return nil, fmt.Errorf("answered with %v", tok)
 	}
-	n := 0
+	return readText(resp)
+}
+
+// readText returns the text r holds, up to its end.
+func readText(r xml.TokenReader) ([]byte, error) {
+	var text []byte
 	for {
-		tok, err := resp.Token()
+		tok, err := r.Token()
 		if err == io.EOF {
-			break
+			return text, nil
 		}
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if cd, ok := tok.(xml.CharData); ok {
-			n += len(cd)
+			text = append(text, cd...)
 		}
 	}
-	if n != len(payload) {
-		return fmt.Errorf("raw XMPP echo: %d bytes came back for %d", n, len(payload))
+}
+
+var relayName = xml.Name{Space: "urn:nanite:bench", Local: "relay"}
+
+// relayIQ is the raw chain's relay at B: it answers a <relay> IQ-set with
+// the answer of a raw AMQP RPC at B to the payload, from a goroutine (as a
+// raw component must: the session reads nothing while a handler runs).
+type relayIQ struct{ s *sites }
+
+func (h relayIQ) HandleIQ(iq stanza.IQ, t xmlstream.TokenReadEncoder, start *xml.StartElement) error {
+	payload, err := readText(t)
+	if err != nil {
+		return err
 	}
+	to, sess := h.s.chainB.Load(), h.s.rawBSess.Load()
+	if to == nil || sess == nil {
+		return nil // not set up: the caller times out
+	}
+	go func() {
+		ctx, cancel := context.WithTimeout(context.Background(), nb.RequestTimeout)
+		defer cancel()
+		var res xml.TokenReader
+		body, err := to.Call(ctx, payload)
+		if err != nil {
+			res = iq.Error(stanza.Error{Type: stanza.Cancel, Condition: stanza.InternalServerError})
+		} else {
+			res = iq.Result(&tokens{toks: []xml.Token{xml.StartElement{Name: relayName}, xml.CharData(body), xml.EndElement{Name: relayName}}})
+		}
+		_ = sess.Send(context.Background(), res)
+	}()
 	return nil
 }
 

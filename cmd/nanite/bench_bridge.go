@@ -47,10 +47,12 @@ each making sequential requests):
   cross     the full cross-site request: a nanite requester at A -> bridge A's
             proxy agent -> op over XMPP -> bridge B -> echo agent at B, and back
 
-and, with --sides all, three diagnostic sides that split cross into what the
-project adds on each leg: nanite-a (an in-cluster nanite request at A), op (a
-vertebra op between the raw components), nanite-b (an in-cluster request at
-B).
+and, with --sides all, diagnostic sides: three that split cross into what the
+project adds on each leg, nanite-a (an in-cluster nanite request at A), op (a
+vertebra op between the raw components) and nanite-b (an in-cluster request at
+B); and raw-chain, cross's path with nothing of the project in it (a raw AMQP
+RPC at A to a raw relay, a raw IQ to a raw relay at B, a raw AMQP RPC at B, and
+back), which shows what chaining four processes costs on this machine.
 
 The sum of the raw legs is p50(amqp-a) + p50(xmpp) + p50(amqp-b) in the same
 cell. Targets: cross p50 <= 1.3x the sum of the raw legs at 1 outstanding;

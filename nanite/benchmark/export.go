@@ -119,8 +119,24 @@ func NewRawEcho(ctx context.Context, name, url string, prefetch int) (*RawEcho, 
 	return &RawEcho{r: r, name: name}, nil
 }
 
+// NewRawRelay is NewRawEcho whose server answers each request, in a
+// goroutine of its own, with what relay returns for its body (an error:
+// an empty answer, which Do counts as an error).
+func NewRawRelay(ctx context.Context, name, url string, prefetch int, relay func(context.Context, []byte) ([]byte, error)) (*RawEcho, error) {
+	r, err := newRawRelay(ctx, url, prefetch, true, relay)
+	if err != nil {
+		return nil, err
+	}
+	return &RawEcho{r: r, name: name}, nil
+}
+
 // Name returns the side's name.
 func (e *RawEcho) Name() string { return e.name }
+
+// Call makes one request and returns the answer's body.
+func (e *RawEcho) Call(ctx context.Context, payload []byte) ([]byte, error) {
+	return e.r.call(ctx, payload)
+}
 
 // Do makes one request and checks that the answer has the payload's size.
 func (e *RawEcho) Do(ctx context.Context, payload []byte) error { return e.r.do(ctx, payload) }

@@ -49,7 +49,14 @@ func dial(url, name string) (*amqp.Connection, error) {
 	return conn, nil
 }
 
-func newRawSide(ctx context.Context, url string, prefetch int, spawn bool) (_ *rawSide, err error) {
+func newRawSide(ctx context.Context, url string, prefetch int, spawn bool) (*rawSide, error) {
+	return newRawRelay(ctx, url, prefetch, spawn, nil)
+}
+
+// newRawRelay is newRawSide whose server answers with what relay returns
+// for the request's body (each in its own goroutine: relay waits on
+// something else) instead of echoing it; nil relay echoes.
+func newRawRelay(ctx context.Context, url string, prefetch int, spawn bool, relay func(context.Context, []byte) ([]byte, error)) (_ *rawSide, err error) {
 	var b [6]byte
 	_, _ = rand.Read(b[:])
 	r := &rawSide{queue: "nanite.bench.echo." + hex.EncodeToString(b[:]), pending: map[string]chan []byte{}}
@@ -92,8 +99,15 @@ func newRawSide(ctx context.Context, url string, prefetch int, spawn bool) (_ *r
 		var handlers sync.WaitGroup
 		defer handlers.Wait()
 		echo := func(d amqp.Delivery) {
+			body := d.Body
+			if relay != nil {
+				var err error
+				if body, err = relay(context.Background(), d.Body); err != nil {
+					body = nil // the requester counts an error
+				}
+			}
 			err := spub.Publish("", d.ReplyTo, false, false, amqp.Publishing{
-				ContentType: "application/json", CorrelationId: d.CorrelationId, Body: d.Body})
+				ContentType: "application/json", CorrelationId: d.CorrelationId, Body: body})
 			if err != nil {
 				_ = d.Nack(false, true)
 				return
@@ -101,7 +115,7 @@ func newRawSide(ctx context.Context, url string, prefetch int, spawn bool) (_ *r
 			_ = d.Ack(false)
 		}
 		for d := range ds {
-			if spawn {
+			if spawn || relay != nil {
 				handlers.Add(1)
 				go func() {
 					defer handlers.Done()
@@ -157,6 +171,15 @@ func newRawSide(ctx context.Context, url string, prefetch int, spawn bool) (_ *r
 }
 
 func (r *rawSide) do(ctx context.Context, payload []byte) error {
+	body, err := r.call(ctx, payload)
+	if err == nil && len(body) != len(payload) {
+		err = fmt.Errorf("benchmark: raw echo answered %d bytes for %d", len(body), len(payload))
+	}
+	return err
+}
+
+// call makes one request and returns the answer's body.
+func (r *rawSide) call(ctx context.Context, payload []byte) ([]byte, error) {
 	id := strconv.FormatUint(r.seq.Add(1), 36)
 	ch := make(chan []byte, 1)
 	r.mu.Lock()
@@ -167,10 +190,7 @@ func (r *rawSide) do(ctx context.Context, payload []byte) error {
 	if err == nil {
 		select {
 		case body := <-ch:
-			if len(body) != len(payload) {
-				return fmt.Errorf("benchmark: raw echo answered %d bytes for %d", len(body), len(payload))
-			}
-			return nil
+			return body, nil
 		case <-ctx.Done():
 			err = ctx.Err()
 		}
@@ -178,7 +198,7 @@ func (r *rawSide) do(ctx context.Context, payload []byte) error {
 	r.mu.Lock()
 	delete(r.pending, id)
 	r.mu.Unlock()
-	return err
+	return nil, err
 }
 
 func (r *rawSide) close() error {
