@@ -1,6 +1,7 @@
 package vertebra
 
 import (
+	"bytes"
 	"encoding/json"
 	"encoding/xml"
 	"io"
@@ -51,6 +52,14 @@ func compactDone(els []*Element) (payload json.RawMessage, agent string, ok bool
 		}
 	}
 	return nil, "", false
+}
+
+// plainlyEncodes reports, cheaply, that values.AppendPayload cannot fail
+// on b: valid JSON well within the nesting limit, with no escape sequence
+// (which could stand for a character XML cannot carry) and no such
+// character itself. False says nothing: the encoder decides.
+func plainlyEncodes(b []byte) bool {
+	return !bytes.ContainsRune(b, '\\') && xmlSafeText(b) && json.Valid(b) && jsonDepth(b) < values.DefaultLimits.MaxDepth/2
 }
 
 // xmlSafeText reports whether b goes through XML text unchanged: valid

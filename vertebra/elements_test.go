@@ -341,3 +341,21 @@ func decodeFirst[T any](text string, decode func(xml.TokenReader, xml.StartEleme
 		}
 	}
 }
+
+// FuzzPlainlyEncodes: what plainlyEncodes lets through without encoding
+// it (sendLocked) always encodes.
+func FuzzPlainlyEncodes(f *testing.F) {
+	for _, s := range []string{`"a"`, `{"a":[1,2,{"b":null}]}`, `{}`, `[]`, `1e400`, `-0.5`, `true`, `"\u0001"`, `{"\b":1}`,
+		`"\ufffe"`, `{"a":1}{`, `[1,]`, "\"\x01\"", "\"\xff\"", strings.Repeat("[", 40) + strings.Repeat("]", 40),
+		strings.Repeat("[", 70) + strings.Repeat("]", 70), `{"a b":"<&>"}`, `"` + "\uFFFF" + `"`, ` 7 `} {
+		f.Add([]byte(s))
+	}
+	f.Fuzz(func(t *testing.T, b []byte) {
+		if !plainlyEncodes(b) {
+			return
+		}
+		if _, err := values.AppendPayload(nil, b); err != nil {
+			t.Errorf("plainlyEncodes(%q) but AppendPayload: %v", b, err)
+		}
+	})
+}

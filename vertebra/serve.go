@@ -450,8 +450,9 @@ func (w *Reply) sendLocked(ctx context.Context, el *Element) error {
 	}
 	el.Token = w.s.req.Token
 	el.Meta.Seq = w.seq + 1
-	// Only a payload can fail to encode: check it before it is held.
-	if len(el.Payload) > 0 {
+	// Only a payload can fail to encode: check it before it is held (at
+	// once when it plainly encodes: most go out as JSON text, in a <done>).
+	if len(el.Payload) > 0 && !plainlyEncodes(el.Payload) {
 		if _, err := el.AppendTokens(nil); err != nil {
 			return fmt.Errorf("vertebra: %s of %s: %w", el.Kind, w.s.req.Type, err)
 		}
