@@ -525,11 +525,17 @@ func (w *Reply) flushLocked(ctx context.Context) error {
 // transmitLocked sends els (one element, or a batch) as an IQ-set and
 // waits for its confirmation in a goroutine, sending it again as needed.
 func (w *Reply) transmitLocked(ctx context.Context, els []*Element) error {
+	pl, agent, whole := compactDone(els)
 	var toks []xml.Token
 	var err error
-	if len(els) == 1 {
+	switch {
+	case whole && w.s.compact:
+		// A whole quick op for a caller that reads <done>: one element
+		// (a responder that could not hold the op's echo, e.g. a client).
+		toks = AppendDone(nil, w.s.req.Token, agent, pl)
+	case len(els) == 1:
 		toks, err = els[0].AppendTokens(nil)
-	} else {
+	default:
 		toks, err = AppendBatch(nil, els)
 	}
 	if err != nil {
@@ -543,19 +549,16 @@ func (w *Reply) transmitLocked(ctx context.Context, els []*Element) error {
 		w.abandon(context.Cause(w.s.ctx))
 		return *w.abandoned.Load()
 	}
-	pl, agent, whole := compactDone(els)
-	if whole && w.s.compact {
-		// A whole quick op for a caller that reads <done>: one element
-		// (a responder that could not hold the op's echo, e.g. a client).
-		toks = AppendDone(nil, w.s.req.Token, agent, pl)
-	}
 	id := newID()
 	full := iqTokens(id, w.s.local, w.s.req.From, toks)
 	var p *pending
 	if whole && w.s.multi {
 		// A whole quick op, for a caller that reads <batch>es of several
 		// ops' stanzas: it may go, as a <done>, with others to it.
-		unit := AppendDone(nil, w.s.req.Token, agent, pl)
+		unit := toks
+		if !w.s.compact {
+			unit = AppendDone(nil, w.s.req.Token, agent, pl)
+		}
 		p = w.e.startQueued(true, w.s.local, w.s.req.From, id, func() []xml.Token { return full },
 			func() []xml.Token { return unit })
 	} else {
