@@ -217,7 +217,7 @@ func (e *Endpoint) collect(ctx context.Context, c *call, o *callOptions, op stri
 	res := &Result{From: c.to}
 	stage := "ack"
 	next := 1
-	held := map[int]event{} // arrived ahead of their turn
+	var held map[int]event // arrived ahead of their turn (made when one does)
 	// handle returns true when the op has ended.
 	handle := func(ev event) (bool, error) {
 		el := ev.el
@@ -262,7 +262,18 @@ func (e *Endpoint) collect(ctx context.Context, c *call, o *callOptions, op stri
 				}
 				continue
 			}
+			if seq == next && len(held) == 0 {
+				// In order, as almost always.
+				next++
+				if end, err := handle(ev); end {
+					return res, err
+				}
+				continue
+			}
 			if seq >= next {
+				if held == nil {
+					held = map[int]event{}
+				}
 				held[seq] = ev
 			}
 			if len(held) > maxBuffered {
