@@ -968,7 +968,7 @@ func (e *Endpoint) handleOps(iq stanza.IQ, ops []*Element, t xmlstream.TokenRead
 		return writeIQError(t, iq, stanza.Wait, stanza.ResourceConstraint, "too many ops in progress")
 	}
 	e.stats.opBatchesReceived.Add(1)
-	g := &opGroup{parts: make([][]xml.Token, len(ops))}
+	g := newOpGroup(len(ops))
 	for i, el := range ops {
 		if err := e.handleOp(iq, el, t, g, i); err != nil {
 			return err
@@ -978,8 +978,12 @@ func (e *Endpoint) handleOps(iq stanza.IQ, ops []*Element, t xmlstream.TokenRead
 	// others (a duplicate's held stanzas) as they are.
 	var got []byte
 	var others []xml.Token
-	for _, p := range g.parts {
-		if tok, ok := bareEcho(p); ok {
+	for i, p := range g.parts {
+		tok, ok := g.tokens[i], g.tokens[i] != ""
+		if !ok {
+			tok, ok = bareEcho(p) // a duplicate of a finished op
+		}
+		if ok {
 			if len(got) > 0 {
 				got = append(got, ' ')
 			}

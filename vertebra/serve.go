@@ -7,6 +7,7 @@ import (
 	"encoding/xml"
 	"errors"
 	"fmt"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -179,7 +180,10 @@ func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEnco
 	s.ctx, s.cancel = context.WithDeadline(e.ctx, s.req.Deadline)
 	e.served[key] = s
 	e.mu.Unlock()
-	if !s.echoHeld {
+	switch {
+	case g != nil && !strings.ContainsAny(s.req.Token, " \t\r\n"):
+		g.putToken(slot, s.req.Token) // a bare echo, in the batch's <got>
+	case !s.echoHeld:
 		if err := answer(s.echo()); err != nil {
 			s.cancel()
 			e.running.Add(-1)
@@ -608,7 +612,14 @@ func (w *Reply) finish(herr error) {
 // <batch> of them in the ops' order. The echoes are not held: the ops'
 // stanzas follow as IQ-sets, batched across ops (see opQueue).
 type opGroup struct {
-	parts [][]xml.Token
+	parts  [][]xml.Token // an echo as it would answer the op alone
+	tokens []string      // or only its token, for a bare echo
+}
+
+func newOpGroup(n int) *opGroup {
+	return &opGroup{parts: make([][]xml.Token, n), tokens: make([]string, n)}
 }
 
 func (g *opGroup) put(slot int, toks []xml.Token) { g.parts[slot] = toks }
+
+func (g *opGroup) putToken(slot int, token string) { g.tokens[slot] = token }
