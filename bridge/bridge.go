@@ -160,6 +160,9 @@ type Stats struct {
 	RelayedLocal int64            // requests relayed by proxy agents between clusters of this bridge
 	Failed       int64            // relayed ops and requests that ended with an error
 	Refused      map[string]int64 // ops and proxied requests refused, by reason
+	// Proxies sums the counters of the running proxy agents
+	// (nanite.Agent.Stats: received, succeeded, bundles_sent...).
+	Proxies map[string]int64
 }
 
 // New returns a bridge for a validated config (LoadConfig); Run starts it.
@@ -424,7 +427,21 @@ func (b *Bridge) Stats() Stats {
 	for k, v := range b.refused {
 		r[k] = v
 	}
-	return Stats{Relayed: b.relayed.Load(), RelayedOut: b.relayedOut.Load(), RelayedLocal: b.relayedLocal.Load(), Failed: b.failed.Load(), Refused: r}
+	px := map[string]int64{}
+	for _, c := range b.clusters {
+		for _, p := range c.imports {
+			p.mu.Lock()
+			a := p.agent
+			p.mu.Unlock()
+			if a == nil {
+				continue
+			}
+			for k, v := range a.Stats() {
+				px[k] += v
+			}
+		}
+	}
+	return Stats{Relayed: b.relayed.Load(), RelayedOut: b.relayedOut.Load(), RelayedLocal: b.relayedLocal.Load(), Failed: b.failed.Load(), Refused: r, Proxies: px}
 }
 
 // count counts a refusal.

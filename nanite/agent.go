@@ -98,6 +98,7 @@ type Agent struct {
 	registerMu sync.Mutex
 	started    atomic.Bool
 	link       *link
+	bundler    *replyBundler // answers the delivery loop sends as bundles
 	calls      *calls
 	dedupe     *dedupe
 	stats      agentStats
@@ -181,7 +182,9 @@ func NewAgent(cfg AgentConfig) (*Agent, error) {
 	}
 	a.methods.Store(&map[string]*agentMethod{})
 	a.AddActor(a.builtinActor())
+	a.bundler = newReplyBundler(nil, a.log, a.cfg.RequestTimeout)
 	a.link = a.newAgentLink()
+	a.bundler.link = a.link
 	return a, nil
 }
 
@@ -289,6 +292,8 @@ func (a *Agent) Stats() map[string]int64 {
 		"too_large":         s.tooLarge.Load(),
 		"in_flight":         a.inflight.Load(),
 		"unauthorized":      s.unauthorized.Load(),
+		"bundles_sent":      a.bundler.bundles.Load(),
+		"bundled_results":   a.bundler.bundled.Load(),
 	}
 	a.rejects.into(out, "rejected_")
 	a.cfg.Secure.sessionStats(out)
@@ -355,8 +360,8 @@ func (a *Agent) newAgentLink() *link {
 			return declareReplyQueue(t, a.id)
 		},
 		Consumers: []consumerSpec{
-			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery, Handoff: handoffBudget, BatchAcks: true},
-			{Queue: ReplyQueue(a.id), AutoAck: true, Handle: a.handleReply},
+			{Queue: AgentQueue(a.id), Prefetch: a.cfg.Prefetch, Handle: a.handleDelivery, Handoff: handoffBudget, BatchAcks: true, Bundler: a.bundler},
+			{Queue: ReplyQueue(a.id), AutoAck: true, Handle: a.handleReply, Bundles: true},
 		},
 		OnConnect: func() { go a.register(a.linkCtx) },
 	})
@@ -784,8 +789,16 @@ func (a *Agent) finishBody(d *delivery, p *Packet, answer bool, body []byte) {
 	if p.Token != "" {
 		waiters = a.dedupe.done(p.Token, body)
 	}
+	bundled := false
 	if answer && body != nil {
-		a.sendReply(p, body)
+		if p.Bundles && !p.Persistent && d.bundle != nil {
+			until := a.replyUntil(p)
+			bundled = d.bundle.add(d, p.ReplyTo, p.Token, body, until) ||
+				d.bundle.sendNow(d, p.ReplyTo, p.Token, body, until)
+		}
+		if !bundled {
+			a.sendReply(p, body)
+		}
 	}
 	for _, replyTo := range waiters {
 		// Copies that arrived while it ran, from another requester
@@ -793,6 +806,9 @@ func (a *Agent) finishBody(d *delivery, p *Packet, answer bool, body []byte) {
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		_ = a.link.publish(ctx, message{Key: replyTo, Body: a.cfg.Secure.forAnyone(body), CorrelationID: p.Token})
 		cancel()
+	}
+	if bundled {
+		return // acknowledged once its answer is sent
 	}
 	if err := d.Ack(); err != nil {
 		a.log.Warn("ack failed; the broker will redeliver and the duplicate will be answered from cache", "token", p.Token, "err", err)
@@ -833,17 +849,21 @@ func (a *Agent) buildReply(p *Packet, sealTo security.SealKey, payload json.RawM
 
 // sendReply publishes an answer to the request's reply queue.
 func (a *Agent) sendReply(p *Packet, body []byte) {
-	// The requester stops waiting at its deadline; a little slack lets an
-	// answer that raced the deadline still reach it. The answer to a
-	// persistent request is persistent too, so a broker restart between
-	// answer and pick-up does not lose it.
-	var until time.Time
-	if dl := p.deadlineTime(); !dl.IsZero() {
-		until = dl.Add(5 * time.Second)
-	}
-	if err := a.link.publishBy(context.Background(), until, a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Persistent: p.Persistent}); err != nil {
+	// The answer to a persistent request is persistent too, so a broker
+	// restart between answer and pick-up does not lose it.
+	if err := a.link.publishBy(context.Background(), a.replyUntil(p), a.cfg.RequestTimeout, message{Key: p.ReplyTo, Body: body, CorrelationID: p.Token, Persistent: p.Persistent}); err != nil {
 		a.log.Warn("could not send result", "token", p.Token, "err", err)
 	}
+}
+
+// replyUntil is how long an answer to p may wait for the connection: the
+// requester stops waiting at its deadline, and a little slack lets an answer
+// that raced the deadline still reach it. Zero when p has no deadline.
+func (a *Agent) replyUntil(p *Packet) time.Time {
+	if dl := p.deadlineTime(); !dl.IsZero() {
+		return dl.Add(5 * time.Second)
+	}
+	return time.Time{}
 }
 
 // handleReply receives answers to requests the agent made itself.

@@ -47,6 +47,7 @@ func (a *Agent) originate(ctx context.Context, kind Kind, service string, payloa
 		Persistent: o.persistent, Failsafe: o.failsafe, Deadline: unixMilli(deadline), Hops: o.hops}
 	if kind == KindRequest {
 		p.ReplyTo = ReplyQueue(a.id)
+		p.Bundles = true // handleReply's consumer splits bundles
 	}
 	enc, err := p.Encode()
 	if err == nil {

@@ -11,6 +11,7 @@ import (
 	"fmt"
 	"log/slog"
 	"math/rand/v2"
+	"runtime"
 	"slices"
 	"strconv"
 	"sync"
@@ -27,7 +28,8 @@ type message struct {
 	Body          []byte
 	CorrelationID string
 	ReplyTo       string
-	Type          string         // the packet kind, on state packets only (docs/protocol.md)
+	Type          string         // the packet kind, on state packets only (docs/protocol.md); BundleType
+	ContentType   string         // "" for application/json
 	Headers       map[string]any // each header costs allocations on both sides: only where needed
 	Expiration    time.Duration  // per-message TTL; 0 for none
 	Persistent    bool           // delivery mode 2, and wait for the publisher confirm
@@ -45,9 +47,10 @@ type delivery struct {
 	DeadLettered  bool   // it came through the dead-letter exchange
 	DeathReason   string // "expired", "rejected", "maxlen" when DeadLettered
 
-	ch    *amqp.Channel // nil for auto-acknowledged deliveries
-	tag   uint64
-	acker *acker // when the consumer batches its acknowledgements
+	ch     *amqp.Channel // nil for auto-acknowledged deliveries
+	tag    uint64
+	acker  *acker        // when the consumer batches its acknowledgements
+	bundle *replyBundler // when the consumer bundles answers (see bundle.go)
 }
 
 // Ack acknowledges the delivery (after it has been handled). With a
@@ -134,6 +137,28 @@ func (a *acker) ack(tag uint64) error {
 	return a.flushLocked()
 }
 
+// inLoopNow reports whether the Handle of tag runs in a delivery loop.
+func (a *acker) inLoopNow(tag uint64) bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return slices.Contains(a.inLoop, tag)
+}
+
+// ackAll records that the deliveries of tags are handled, like ack for
+// each, without sending anything: the caller flushes.
+func (a *acker) ackAll(tags []uint64) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	for _, tag := range tags {
+		if !slices.Contains(a.open, tag) {
+			continue // settled already
+		}
+		a.open = deleteTag(a.open, tag)
+		i, _ := slices.BinarySearch(a.done, tag)
+		a.done = slices.Insert(a.done, i, tag)
+	}
+}
+
 // settle forgets a delivery that is nacked.
 func (a *acker) settle(tag uint64) {
 	a.mu.Lock()
@@ -214,6 +239,12 @@ type consumerSpec struct {
 	// next deliveries do not wait for it. Handle runs inline, without a
 	// goroutine of its own, which is what makes short handlers cheap.
 	Handoff time.Duration
+	// Bundler gathers the answers Handle makes in the delivery loop, to
+	// send several as one message (bundle.go). Only with BatchAcks.
+	Bundler *replyBundler
+	// Bundles splits a reply bundle into its answers, one Handle each.
+	// Only with AutoAck (a bundle's answers are not acknowledged apart).
+	Bundles bool
 }
 
 // topology declares exchanges, queues and bindings on a fresh connection.
@@ -580,14 +611,22 @@ func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery
 		}()
 		defer watch.stop()
 	}
+	var bundler *replyBundler
+	if ack != nil {
+		bundler = c.Bundler
+	}
 	for {
-		d, ok := l.next(ds, ack)
+		d, ok := l.next(ds, ack, bundler)
 		if !ok {
 			return
 		}
+		if c.Bundles && c.AutoAck && d.Type == BundleType {
+			l.deliverBundle(ch, c, d)
+			continue
+		}
 		dv := l.delivery(ch, c, d)
 		if ack != nil {
-			dv.acker = ack
+			dv.acker, dv.bundle = ack, bundler
 			ack.received(d.DeliveryTag)
 		}
 		if watch != nil {
@@ -596,14 +635,33 @@ func (l *link) deliver(ch *amqp.Channel, c consumerSpec, ds <-chan amqp.Delivery
 		c.Handle(dv)
 		if ack != nil {
 			ack.handled(d.DeliveryTag)
+			if bundler != nil && bundler.full() {
+				bundler.flush()
+				ack.flush()
+			}
 		}
 		if watch != nil && watch.end() {
 			// The standby has taken over.
 			if ack != nil {
+				bundler.flush()
 				ack.flush()
 			}
 			return
 		}
+	}
+}
+
+// deliverBundle hands each answer of a reply bundle to Handle as a delivery
+// of its own.
+func (l *link) deliverBundle(ch *amqp.Channel, c consumerSpec, d amqp.Delivery) {
+	dv := l.delivery(ch, c, d)
+	err := splitBundle(d.Body, func(corr string, body []byte) {
+		part := dv
+		part.Body, part.CorrelationID, part.Type = body, corr, ""
+		c.Handle(part)
+	})
+	if err != nil {
+		l.log.Warn("dropped a malformed reply bundle", "queue", c.Queue, "bytes", len(d.Body))
 	}
 }
 
@@ -688,8 +746,8 @@ func (w *handoffWatch) tick() {
 }
 
 // next receives the next delivery; before it waits for one, it sends the
-// acknowledgements that wait.
-func (l *link) next(ds <-chan amqp.Delivery, ack *acker) (amqp.Delivery, bool) {
+// answers (bundler) and then the acknowledgements that wait.
+func (l *link) next(ds <-chan amqp.Delivery, ack *acker, bundler *replyBundler) (amqp.Delivery, bool) {
 	if ack != nil {
 		select {
 		case d, ok := <-ds:
@@ -698,11 +756,27 @@ func (l *link) next(ds <-chan amqp.Delivery, ack *acker) (amqp.Delivery, bool) {
 			}
 		default:
 		}
+		if bundler.pending() {
+			// The next delivery may be on its way (amqp091-go's reader
+			// waits in the run queue behind this loop): let it come, to
+			// go in the same bundle.
+			runtime.Gosched()
+			select {
+			case d, ok := <-ds:
+				if ok {
+					return d, true
+				}
+			default:
+			}
+		}
+		bundler.flush()
 		ack.flush()
 	}
 	d, ok := <-ds
 	if !ok && ack != nil {
-		ack.flush() // the consumer was cancelled: the channel may still take them
+		// The consumer was cancelled: the channel may still take them.
+		bundler.flush()
+		ack.flush()
 	}
 	return d, ok
 }
@@ -809,9 +883,13 @@ func (l *link) waitReady(ctx context.Context) error {
 // returns. A publish that fails because the connection dropped is retried on
 // the next connection until ctx ends.
 func (l *link) publish(ctx context.Context, m message) error {
+	contentType := m.ContentType
+	if contentType == "" {
+		contentType = "application/json"
+	}
 	pub := amqp.Publishing{
 		Headers:       amqp.Table(m.Headers),
-		ContentType:   "application/json",
+		ContentType:   contentType,
 		CorrelationId: m.CorrelationID,
 		ReplyTo:       m.ReplyTo,
 		Type:          m.Type,

@@ -144,6 +144,9 @@ func appendPacket(b []byte, p *Packet) ([]byte, bool) {
 	}
 	b = appendIntMember(b, `,"deadline":`, p.Deadline)
 	b = appendIntMember(b, `,"attempt":`, int64(p.Attempt))
+	if p.Bundles {
+		b = append(b, `,"bundles":true`...)
+	}
 	b = appendStringMember(b, `,"key":`, p.Key)
 	if p.Error != nil {
 		b = append(b, `,"error":`...)
@@ -486,6 +489,7 @@ const (
 	fSealed
 	fOrigin
 	fHops
+	fBundles
 )
 
 // packet decodes a whole input holding one Packet object.
@@ -527,6 +531,8 @@ func (d *decoder) packet(p *Packet) bool {
 			f, ok = fDeadline, d.int64(&p.Deadline)
 		case "attempt":
 			f, ok = fAttempt, d.int(&p.Attempt)
+		case "bundles":
+			f, ok = fBundles, d.bool(&p.Bundles)
 		case "key":
 			f, ok = fKey, d.string(&p.Key)
 		case "error":

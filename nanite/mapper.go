@@ -239,7 +239,7 @@ func (m *Mapper) newMapperLink() *link {
 	consumers := []consumerSpec{
 		{Queue: m.stateQueue("registration"), AutoAck: true, Handle: m.handleState},
 		{Queue: m.stateQueue("heartbeat"), AutoAck: true, Handle: m.handleState},
-		{Queue: ReplyQueue(m.instance), AutoAck: true, Handle: m.handleReply},
+		{Queue: ReplyQueue(m.instance), AutoAck: true, Handle: m.handleReply, Bundles: true},
 	}
 	if m.cfg.ServeAgentRequests {
 		consumers = append(consumers, consumerSpec{Queue: QueueMapperRequests, Prefetch: m.cfg.RelayConcurrency, Handle: m.handleRelay})
@@ -665,6 +665,7 @@ func (m *Mapper) request(ctx context.Context, kind Kind, service string, body js
 		Persistent: o.persistent, Deadline: unixMilli(deadline), Origin: origin, Hops: o.hops}
 	if kind == KindRequest {
 		pkt.ReplyTo = m.replyQueue
+		pkt.Bundles = true // handleReply's consumer splits bundles
 		m.stats.requests.Add(1)
 	} else {
 		m.stats.pushes.Add(1)

@@ -66,6 +66,9 @@ type Packet struct {
 	Failsafe   bool            `json:"offline_failsafe,omitempty"`
 	Deadline   int64           `json:"deadline,omitempty"` // Unix milliseconds
 	Attempt    int             `json:"attempt,omitempty"`  // 0 for the first delivery, n for the nth retry
+	// Bundles says the requester reads reply bundles at ReplyTo
+	// (docs/protocol.md, "Reply bundles").
+	Bundles bool `json:"bundles,omitempty"`
 
 	// Result and intermediate.
 	Key     string         `json:"key,omitempty"` // intermediate result key

@@ -42,6 +42,8 @@ type sites struct {
 	chainB atomic.Pointer[nb.RawEcho]
 	// The echo agent at B, shared by nanite-b and cross.
 	echoB bool
+	// The echo agents, for their counters.
+	agents map[string]*nanite.Agent
 	// The bridges, for their counters.
 	bridgeA, bridgeB *bridge.Bridge
 }
@@ -202,6 +204,10 @@ func (s *sites) echoAgent(ctx context.Context, url, service, prefix string) (*na
 		return r.Payload, nil
 	}))
 	wctx := s.start(ctx, "echo agent "+a.Identity(), a.Run)
+	if s.agents == nil {
+		s.agents = map[string]*nanite.Agent{}
+	}
+	s.agents[prefix] = a
 	return a, wait(wctx, "echo agent "+a.Identity(), a.Ready)
 }
 
@@ -349,6 +355,9 @@ func (s *sites) counters() map[string]int64 {
 		for k, v := range st.Refused {
 			put(name+".refused."+k, v)
 		}
+		for _, k := range []string{"bundles_sent", "bundled_results"} {
+			put(name+".proxies."+k, st.Proxies[k])
+		}
 		es := b.Endpoint().Stats()
 		put(name+".xmpp.iq_sets_sent", es.Sent)
 		put(name+".xmpp.iq_sets_received", es.Received)
@@ -358,6 +367,12 @@ func (s *sites) counters() map[string]int64 {
 		put(name+".xmpp.op_batches_received", es.OpBatchesReceived)
 		put(name+".xmpp.result_batches_sent", es.ResultBatches)
 		put(name+".xmpp.duplicate_stanzas", es.DuplicateStanzas)
+	}
+	for name, a := range s.agents {
+		st := a.Stats()
+		for _, k := range []string{"bundles_sent", "bundled_results"} {
+			put(name+"."+k, st[k])
+		}
 	}
 	for name, ep := range map[string]*vertebra.Endpoint{"raw-a": s.rawA, "raw-b": s.rawB} {
 		if ep == nil {
