@@ -300,7 +300,7 @@ func TestCodecEncode(t *testing.T) {
 			Tags: []string{odd, "", "x"}, TagMatch: odd, Key: odd, Identity: odd, Queue: odd, AgentVer: odd,
 			Error: &ErrorBody{Code: odd, Message: odd}, Services: []ServiceInfo{{Name: odd}, {}, {Idempotent: true}}},
 		{Kind: KindRequest, Version: 7, Tags: []string{}, Services: []ServiceInfo{}, Results: []ResultRecord{},
-			Deadline: -1, Attempt: math.MaxInt, InFlight: math.MinInt, Interval: math.MaxInt64, SentAtUnix: math.MinInt64},
+			Deadline: -1, Attempt: math.MaxInt, Bundles: true, InFlight: math.MinInt, Interval: math.MaxInt64, SentAtUnix: math.MinInt64},
 		{Kind: KindResult, Payload: json.RawMessage{}},
 		{Kind: KindResult, Payload: json.RawMessage(" { \"a\" : \"<>\" } ")},
 		{Kind: KindResult, Payload: json.RawMessage(`{"a":`)},
@@ -437,7 +437,7 @@ func TestCodecPacketFields(t *testing.T) {
 			reply_to,omitempty:string selector,omitempty:string target,omitempty:string
 			tags,omitempty:[]string tag_match,omitempty:string persistent,omitempty:bool
 			offline_failsafe,omitempty:bool deadline,omitempty:int64 attempt,omitempty:int
-			key,omitempty:string error,omitempty:*nanite.ErrorBody results,omitempty:[]nanite.ResultRecord
+			bundles,omitempty:bool key,omitempty:string error,omitempty:*nanite.ErrorBody results,omitempty:[]nanite.ResultRecord
 			identity,omitempty:string queue,omitempty:string services,omitempty:[]nanite.ServiceInfo
 			status,omitempty:*float64 in_flight,omitempty:int heartbeat_ms,omitempty:int64
 			agent_version,omitempty:string sent_at,omitempty:int64
@@ -668,7 +668,7 @@ func FuzzCodecEncode(f *testing.F) {
 		to string, sealed, origin []byte) {
 		p := &Packet{Kind: Kind(kind), Type: typ, From: from, Token: token, ReplyTo: replyTo, Selector: selector,
 			Target: typ, TagMatch: selector, Persistent: persistent, Failsafe: hasError, Deadline: deadline,
-			Attempt: attempt, Key: message, Identity: from, Queue: replyTo, InFlight: -attempt,
+			Attempt: attempt, Bundles: persistent != hasStatus, Key: message, Identity: from, Queue: replyTo, InFlight: -attempt,
 			Interval: -deadline, AgentVer: code, SentAtUnix: deadline / 3, To: to, Sealed: sealed, Origin: origin}
 		if payload != nil {
 			p.Payload = payload
