@@ -794,7 +794,7 @@ func (a *Agent) finishBody(d *delivery, p *Packet, answer bool, body []byte) {
 		if p.Bundles && !p.Persistent && d.bundle != nil {
 			until := a.replyUntil(p)
 			bundled = d.bundle.add(d, p.ReplyTo, p.Token, body, until) ||
-				d.bundle.sendNow(d, p.ReplyTo, p.Token, body, until)
+				d.bundle.sendNow(d, p.ReplyTo, p.Token, body, until, a.inflight.Load() > 1)
 		}
 		if !bundled {
 			a.sendReply(p, body)

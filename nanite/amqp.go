@@ -756,7 +756,7 @@ func (l *link) next(ds <-chan amqp.Delivery, ack *acker, bundler *replyBundler) 
 			}
 		default:
 		}
-		if bundler.pending() {
+		if bundler.burst() {
 			// The next delivery may be on its way (amqp091-go's reader
 			// waits in the run queue behind this loop): let it come, to
 			// go in the same bundle.

@@ -101,6 +101,8 @@ type replyBundler struct {
 	bytes   int
 	scratch sendScratch
 	tags    []uint64
+	// lastFlush is how many answers the last flush sent.
+	lastFlush int
 
 	// The answers made outside the loop (sendNow).
 	omu      sync.Mutex
@@ -142,14 +144,16 @@ func (b *replyBundler) add(d *delivery, key, corr string, body []byte, until tim
 	return true
 }
 
-// pending reports whether answers of the loop wait to be sent.
-func (b *replyBundler) pending() bool {
+// burst reports whether answers of the loop wait to be sent and more are
+// likely to join them: several wait already, or the last flush sent
+// several. A lone answer of a quiet agent does not wait for more.
+func (b *replyBundler) burst() bool {
 	if b == nil {
 		return false
 	}
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	return len(b.parts) > 0
+	return len(b.parts) > 1 || len(b.parts) == 1 && b.lastFlush > 1
 }
 
 // full reports whether the answers waiting should go now.
@@ -173,6 +177,7 @@ func (b *replyBundler) flush() {
 	}
 	b.send(b.parts, &b.scratch)
 	b.tags = ackParts(b.parts, b.tags, false)
+	b.lastFlush = len(b.parts)
 	clear(b.parts)
 	b.parts, b.bytes = b.parts[:0], 0
 }
@@ -181,9 +186,10 @@ func (b *replyBundler) flush() {
 // runs in a goroutine of its own, as a bridge's proxy does), with the
 // others made meanwhile: the first to come sends, and keeps sending what
 // the others queue while it does, as bundles; the others return at once.
-// It acknowledges d after its answer is published. It reports false,
-// doing nothing, when d's consumer does not bundle answers.
-func (b *replyBundler) sendNow(d *delivery, key, corr string, body []byte, until time.Time) bool {
+// It acknowledges d after its answer is published. busy says other
+// requests are being handled: their answers may be on their way. It reports
+// false, doing nothing, when d's consumer does not bundle answers.
+func (b *replyBundler) sendNow(d *delivery, key, corr string, body []byte, until time.Time, busy bool) bool {
 	if b == nil || d.acker == nil {
 		return false
 	}
@@ -194,12 +200,15 @@ func (b *replyBundler) sendNow(d *delivery, key, corr string, body []byte, until
 		return true
 	}
 	b.osending = true
-	b.omu.Unlock()
-	// Answers made together (a bridge's proxy wakes the handlers of a
-	// batch of results at once) wait in the run queue behind this one: let
-	// them queue theirs first.
-	runtime.Gosched()
-	b.omu.Lock()
+	if busy {
+		// Answers made together (a bridge's proxy wakes the handlers of
+		// a batch of results at once) wait in the run queue behind this
+		// one: let them queue theirs first. Not when nothing else runs:
+		// a quiet agent's answer does not wait.
+		b.omu.Unlock()
+		runtime.Gosched()
+		b.omu.Lock()
+	}
 	for len(b.oparts) > 0 {
 		parts := b.oparts
 		b.oparts = b.ospare[:0]
