@@ -163,6 +163,7 @@ type Endpoint struct {
 
 	rtt     rttEstimator
 	running atomic.Int64 // incoming ops running
+	workers opWorkers    // the goroutines that run them
 	// finished lists finished ops oldest first, for MaxRemembered.
 	finished []opKey // guarded by mu
 
@@ -211,6 +212,7 @@ func NewEndpoint(cfg Config) *Endpoint {
 		doneOps: map[opKey]*doneOp{},
 	}
 	e.ctx, e.cancel = context.WithCancel(context.Background())
+	e.workers.serve, e.workers.done = e.runOp, e.ctx.Done()
 	return e
 }
 

@@ -194,7 +194,7 @@ func (e *Endpoint) handleOp(iq stanza.IQ, el *Element, t xmlstream.TokenReadEnco
 		}
 	}
 	e.stats.served.Add(1)
-	go e.runOp(s)
+	e.workers.run(s)
 	return nil
 }
 
