@@ -76,24 +76,7 @@ func TestBundlesSplitForReaders(t *testing.T) {
 	c := newCluster(t)
 	id := NewIdentity("reader")
 	got := make(chan delivery, 16)
-	l := newLink(linkConfig{URL: c.url, Name: "reader", Logger: testLogger(t),
-		Setup: func(tp topology) error {
-			if err := declareCommon(tp); err != nil {
-				return err
-			}
-			return declareReplyQueue(tp, id)
-		},
-		Consumers: []consumerSpec{{Queue: ReplyQueue(id), AutoAck: true, Bundles: true, Handle: func(d delivery) { got <- d }}},
-	})
-	ctx, cancel := context.WithCancel(context.Background())
-	done := make(chan struct{})
-	go func() { _ = l.run(ctx); close(done) }()
-	t.Cleanup(func() { cancel(); <-done })
-	wctx, wcancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer wcancel()
-	if err := l.waitReady(wctx); err != nil {
-		t.Fatal(err)
-	}
+	l := replyReader(t, c.url, id, consumerSpec{Bundles: true, Handle: func(d delivery) { got <- d }})
 	pub := func(m message) {
 		t.Helper()
 		m.Key = ReplyQueue(id)
@@ -124,6 +107,32 @@ func TestBundlesSplitForReaders(t *testing.T) {
 		t.Fatalf("unexpected delivery %q %q", d.CorrelationID, d.Body)
 	case <-time.After(200 * time.Millisecond):
 	}
+}
+
+// replyReader starts a link that declares the reply queue of id and
+// consumes it (auto-ack) with spec; it stops when the test ends.
+func replyReader(t *testing.T, url, id string, spec consumerSpec) *link {
+	t.Helper()
+	spec.Queue, spec.AutoAck = ReplyQueue(id), true
+	l := newLink(linkConfig{URL: url, Name: "reader " + id, Logger: testLogger(t),
+		Setup: func(tp topology) error {
+			if err := declareCommon(tp); err != nil {
+				return err
+			}
+			return declareReplyQueue(tp, id)
+		},
+		Consumers: []consumerSpec{spec},
+	})
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = l.run(ctx); close(done) }()
+	t.Cleanup(func() { cancel(); <-done })
+	wctx, wcancel := context.WithTimeout(t.Context(), 20*time.Second)
+	defer wcancel()
+	if err := l.waitReady(wctx); err != nil {
+		t.Fatal(err)
+	}
+	return l
 }
 
 // rawAnswers reads an agent's answers off the wire: each bundle split by
@@ -192,24 +201,7 @@ func TestReplyBundles(t *testing.T) {
 	// Read the answers off the wire, each bundle split by hand.
 	answers := &rawAnswers{}
 	answersQ := ReplyQueue(identity + "-answers")
-	rl := newLink(linkConfig{URL: c.url, Name: "answers", Logger: testLogger(t),
-		Setup: func(tp topology) error {
-			if err := declareCommon(tp); err != nil {
-				return err
-			}
-			return declareReplyQueue(tp, identity+"-answers")
-		},
-		Consumers: []consumerSpec{{Queue: answersQ, AutoAck: true, Handle: answers.handle}},
-	})
-	rctx, rcancel := context.WithCancel(context.Background())
-	rdone := make(chan struct{})
-	go func() { _ = rl.run(rctx); close(rdone) }()
-	t.Cleanup(func() { rcancel(); <-rdone })
-	wctx, wcancel := context.WithTimeout(t.Context(), 20*time.Second)
-	defer wcancel()
-	if err := rl.waitReady(wctx); err != nil {
-		t.Fatal(err)
-	}
+	replyReader(t, c.url, identity+"-answers", consumerSpec{Handle: answers.handle})
 	// The agent's queue, made by a first run of it.
 	_, stop := c.agent(AgentConfig{Identity: identity}, actor)
 	m, _ := c.mapper(MapperConfig{})
