@@ -7,6 +7,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime/pprof"
+	"runtime/trace"
 	"strings"
 	"syscall"
 	"time"
@@ -28,6 +29,7 @@ type BenchBridgeOptions struct {
 	JSONFile   string
 	CPUProfile string
 	MemProfile string
+	Trace      string
 	Hold       time.Duration
 }
 
@@ -133,6 +135,7 @@ node with a vhost per site), and one prosody with four component domains.
 	f.StringVar(&opts.JSONFile, "json-out", "", "also write the report as JSON to this file")
 	f.StringVar(&opts.CPUProfile, "cpuprofile", "", "write a CPU profile of the run (goroutines labelled mode=SIDE) to this file")
 	f.StringVar(&opts.MemProfile, "memprofile", "", "write an allocation profile of the run to this file")
+	f.StringVar(&opts.Trace, "trace", "", "write an execution trace of the run to this file (go tool trace; -pprof=sched: time goroutines waited to run)")
 	return cmd
 }
 
@@ -201,6 +204,17 @@ func benchBridgeRun(cmd *cobra.Command, opts *BenchBridgeOptions, out, stderr io
 			return err
 		}
 		defer pprof.StopCPUProfile()
+	}
+	if opts.Trace != "" {
+		f, err := os.Create(opts.Trace)
+		if err != nil {
+			return err
+		}
+		defer f.Close()
+		if err := trace.Start(f); err != nil {
+			return err
+		}
+		defer trace.Stop()
 	}
 	rep, err := bb.Run(ctx, cfg)
 	if err != nil {
