@@ -125,6 +125,8 @@ type Bridge struct {
 	ready     chan struct{}
 	readyOnce sync.Once
 	pres      *presenceState
+	stateFile string     // Config.StateFile, resolved; "" for none
+	stateMu   sync.Mutex // serialises writes of the state file
 	presKick  chan struct{}
 
 	draining     atomic.Bool
@@ -279,6 +281,14 @@ func New(cfg *Config, opts Options) (*Bridge, error) {
 		if err := b.newDirectory(cfg.Directory); err != nil {
 			return nil, err
 		}
+	}
+	if cfg.StateFile != "" {
+		b.stateFile = cfg.Path(cfg.StateFile)
+		kept, err := loadState(b.stateFile)
+		if err != nil {
+			return nil, err
+		}
+		b.restoreSubscriptions(kept)
 	}
 	// Imports of this bridge's own clusters are local relays.
 	for _, c := range b.clusters {

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/url"
 	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"sync"
@@ -89,12 +90,15 @@ func echoAgent(t *testing.T, brokerURL, id string, count *atomic.Int64) (stop fu
 }
 
 type site struct {
-	bridge  *Bridge
-	cluster jid.JID
-	counts  []*atomic.Int64
-	stops   []func()
-	alice   *vertebra.Endpoint
-	mallory *vertebra.Endpoint
+	yml        string // the bridge's config
+	dir        string // its directory
+	stopBridge func()
+	bridge     *Bridge
+	cluster    jid.JID
+	counts     []*atomic.Int64
+	stops      []func()
+	alice      *vertebra.Endpoint
+	mallory    *vertebra.Endpoint
 	// aliceConn and malloryConn are the callers' sessions; alice's
 	// presence events arrive on presence.
 	aliceConn, malloryConn *vertebra.Conn
@@ -146,7 +150,24 @@ clusters:
       - services: ["/echo/say"]
         to: ["*@` + siteDomain + `"]
 ` + sc.exports + sc.top
-	cfg, err := ParseConfig("test.yaml", []byte(yml))
+	s.yml, s.dir = yml, t.TempDir()
+	s.stopBridge = s.startBridge(t)
+	s.cluster, _ = ClusterJID(vhost, bridgeDom)
+	if got := s.bridge.ClusterJIDs()["app"]; !got.Equal(s.cluster) {
+		t.Fatalf("cluster JID %s, want %s", got, s.cluster)
+	}
+	s.presence = make(chan presenceEvent, 100)
+	s.alice, s.aliceConn = client(t, p, "alice", s.presence)
+	s.mallory, s.malloryConn = client(t, p, "mallory", nil)
+	return s
+}
+
+// startBridge starts a bridge with the site's config (a new one after a
+// stop: a restart) and waits until it is ready and sees the two agents. The
+// function it returns stops it; so does the end of the test.
+func (s *site) startBridge(t *testing.T) (stop func()) {
+	t.Helper()
+	cfg, err := ParseConfig(filepath.Join(s.dir, "test.yaml"), []byte(s.yml))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -160,12 +181,16 @@ clusters:
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- b.Run(ctx) }()
-	t.Cleanup(func() {
-		cancel()
-		if err := <-done; err != nil {
-			t.Errorf("Bridge.Run: %v", err)
-		}
-	})
+	var once sync.Once
+	stop = func() {
+		once.Do(func() {
+			cancel()
+			if err := <-done; err != nil {
+				t.Errorf("Bridge.Run: %v", err)
+			}
+		})
+	}
+	t.Cleanup(stop)
 	rctx, rcancel := context.WithTimeout(ctx, 15*time.Second)
 	defer rcancel()
 	if err := b.Ready(rctx); err != nil {
@@ -174,14 +199,7 @@ clusters:
 	if err := b.Mapper("app").WaitForAgents(rctx, "/echo/say", 2); err != nil {
 		t.Fatal(err)
 	}
-	s.cluster, _ = ClusterJID(vhost, bridgeDom)
-	if got := b.ClusterJIDs()["app"]; !got.Equal(s.cluster) {
-		t.Fatalf("cluster JID %s, want %s", got, s.cluster)
-	}
-	s.presence = make(chan presenceEvent, 100)
-	s.alice, s.aliceConn = client(t, p, "alice", s.presence)
-	s.mallory, s.malloryConn = client(t, p, "mallory", nil)
-	return s
+	return stop
 }
 
 // client is a plain XMPP client (c2s) used as a generic Vertebra caller.

@@ -45,6 +45,11 @@ type Config struct {
 	// signed request as origin, from secure clusters) and runs as a
 	// mapper in secure clusters.
 	Identity *IdentityConfig `yaml:"identity"`
+	// StateFile is where the bridge keeps the presence subscriptions to
+	// its cluster JIDs across restarts (relative to the config file's
+	// directory). Empty: in memory only, and plain XMPP clients must
+	// subscribe again after a restart.
+	StateFile string `yaml:"state_file"`
 
 	// Dir is the directory of the config file; relative paths are
 	// resolved against it.
@@ -382,6 +387,15 @@ func (c *Config) validate(v *validator) {
 	}
 	if id := c.Identity; id != nil {
 		c.checkIdentity(v, []any{"identity"}, id)
+	}
+	if c.StateFile != "" {
+		if st, err := os.Stat(filepath.Dir(c.Path(c.StateFile))); err != nil {
+			v.errorf([]any{"state_file"}, "its directory: %v", err)
+		} else if !st.IsDir() {
+			v.errorf([]any{"state_file"}, "the directory of %q is not a directory", c.StateFile)
+		} else if st, err := os.Stat(c.Path(c.StateFile)); err == nil && st.IsDir() {
+			v.errorf([]any{"state_file"}, "%q is a directory", c.StateFile)
+		}
 	}
 	if d := c.Directory; d != nil {
 		dp := []any{"directory"}

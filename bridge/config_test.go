@@ -85,6 +85,8 @@ func TestConfigErrors(t *testing.T) {
 			[]string{"b.yaml:13: clusters[0].imports[0].from:", "not a cluster JID"}},
 		{"import from an unknown local cluster", strings.Replace(goodConfig, "from: app@nanite.site-b.test", "from: root@nanite.site-a.test", 1),
 			[]string{"b.yaml:13: clusters[0].imports[0].from:", "is no cluster of it"}},
+		{"state file in no directory", goodConfig + "state_file: no/such/dir/state.json\n",
+			[]string{"state_file:", "its directory", "no such file or directory"}},
 		{"directory without allow", goodConfig + "directory:\n  localpart: dir\n",
 			[]string{"directory.allow:", "at least one entry"}},
 		{"directory on a cluster JID", goodConfig + "directory:\n  localpart: app\n  allow: [\"*\"]\n",

@@ -430,8 +430,12 @@ func (b *Bridge) onSubscribe(p stanza.Presence, _ xmlstream.TokenReadEncoder) er
 	if b.pres.subs[k] == nil {
 		b.pres.subs[k] = map[string]bool{}
 	}
+	added := !b.pres.subs[k][sub.String()]
 	b.pres.subs[k][sub.String()] = true
 	b.pres.mu.Unlock()
+	if added {
+		b.saveSubscriptions()
+	}
 	if err := sendPresence(s, stanza.Presence{From: c.jid, To: sub, Type: stanza.SubscribedPresence}, ""); err != nil {
 		return nil
 	}
@@ -446,10 +450,14 @@ func (b *Bridge) onUnsubscribe(p stanza.Presence, _ xmlstream.TokenReadEncoder) 
 	}
 	sub := p.From.Bare().String()
 	b.pres.mu.Lock()
+	removed := b.pres.subs[c.jid.String()][sub]
 	delete(b.pres.subs[c.jid.String()], sub)
 	sent := b.pres.sent[c.jid.String()][sub]
 	delete(b.pres.sent[c.jid.String()], sub)
 	b.pres.mu.Unlock()
+	if removed {
+		b.saveSubscriptions()
+	}
 	if s := b.session(); s != nil {
 		for id := range sent {
 			if aj, err := AgentJID(c.jid, id); err == nil {
