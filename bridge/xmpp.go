@@ -338,7 +338,7 @@ func sendPresence(s *xmpp.Session, p stanza.Presence, status string) error {
 		st := xml.StartElement{Name: xml.Name{Local: "status"}}
 		payload = xmlstream.Wrap(xmlstream.Token(xml.CharData(status)), st)
 	}
-	return s.Send(context.Background(), p.Wrap(payload))
+	return vertebra.SendStanza(s, p.Wrap(payload))
 }
 
 // presenceStanza is a presence as the bridge reads it.

@@ -423,6 +423,12 @@ func (e *Endpoint) write(_ context.Context, toks []xml.Token) error {
 	return sendTokens(s, toks)
 }
 
+// SendStanza writes the first element r reads to s, as Session.Send does,
+// without the goroutine Send starts per stanza (see sendStanza): for
+// stanzas an application sends on a session of its own (a bridge's
+// presence).
+func SendStanza(s *xmpp.Session, r xml.TokenReader) error { return sendStanza(s, r) }
+
 // sendStanza writes the first element r reads to s, as Session.Send does,
 // but through the session's token writer: Send (mellium v0.22.0) starts a
 // goroutine per stanza to watch its context, even one that never ends, and
