@@ -5,7 +5,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"runtime/pprof"
 	"syscall"
 	"time"
 
@@ -122,33 +121,18 @@ rabbitmq-server package) and stopped at the end.`,
 				cfg.BrokerCPU = benchmark.ProcessCPU(brokerPID)
 			}
 
-			if cpuProfile != "" {
-				f, err := os.Create(cpuProfile)
-				if err != nil {
-					return err
-				}
-				defer f.Close()
-				if err := pprof.StartCPUProfile(f); err != nil {
-					return err
-				}
-				defer pprof.StopCPUProfile()
+			stopProfiles, err := startProfiles(cpuProfile, "")
+			defer stopProfiles()
+			if err != nil {
+				return err
 			}
 
 			rep, err := benchmark.Run(ctx, cfg)
 			if err != nil {
 				return err
 			}
-			if memProfile != "" {
-				f, err := os.Create(memProfile)
-				if err != nil {
-					return err
-				}
-				defer f.Close()
-				// The allocs profile holds every allocation since the start
-				// (sampled); pprof -sample_index=alloc_space shows them.
-				if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
-					return err
-				}
+			if err := writeMemProfile(memProfile); err != nil {
+				return err
 			}
 			if jsonFile != "" {
 				f, err := os.Create(jsonFile)

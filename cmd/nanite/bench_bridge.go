@@ -6,8 +6,6 @@ import (
 	"log/slog"
 	"os"
 	"os/signal"
-	"runtime/pprof"
-	"runtime/trace"
 	"strings"
 	"syscall"
 	"time"
@@ -194,41 +192,17 @@ func benchBridgeRun(cmd *cobra.Command, opts *BenchBridgeOptions, out, stderr io
 		}
 	}
 
-	if opts.CPUProfile != "" {
-		f, err := os.Create(opts.CPUProfile)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer pprof.StopCPUProfile()
-	}
-	if opts.Trace != "" {
-		f, err := os.Create(opts.Trace)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if err := trace.Start(f); err != nil {
-			return err
-		}
-		defer trace.Stop()
+	stopProfiles, err := startProfiles(opts.CPUProfile, opts.Trace)
+	defer stopProfiles()
+	if err != nil {
+		return err
 	}
 	rep, err := bb.Run(ctx, cfg)
 	if err != nil {
 		return err
 	}
-	if opts.MemProfile != "" {
-		f, err := os.Create(opts.MemProfile)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if err := pprof.Lookup("allocs").WriteTo(f, 0); err != nil {
-			return err
-		}
+	if err := writeMemProfile(opts.MemProfile); err != nil {
+		return err
 	}
 	if opts.JSONFile != "" {
 		f, err := os.Create(opts.JSONFile)

@@ -9,7 +9,6 @@ import (
 	"log/slog"
 	"os"
 	"runtime"
-	"runtime/pprof"
 	"slices"
 	"strings"
 	"sync"
@@ -262,16 +261,10 @@ func benchXMPPRun(ctx context.Context, opts *BenchXMPPOptions, out, errOut io.Wr
 		payload[i] = "abcdefghijklmnopqrstuvwxyz0123456789"[i%36]
 	}
 
-	if opts.CPUProfile != "" {
-		f, err := os.Create(opts.CPUProfile)
-		if err != nil {
-			return err
-		}
-		defer f.Close()
-		if err := pprof.StartCPUProfile(f); err != nil {
-			return err
-		}
-		defer pprof.StopCPUProfile()
+	stopProfiles, err := startProfiles(opts.CPUProfile, "")
+	defer stopProfiles()
+	if err != nil {
+		return err
 	}
 	rep := &XBReport{Server: "prosody (private, testenv) on loopback", GoVersion: runtime.Version(), NumCPU: runtime.NumCPU(),
 		PayloadB: opts.Payload, DurationS: opts.Duration.Seconds(), Rounds: opts.Rounds}
