@@ -99,14 +99,14 @@ func (r *Report) WriteTable(w io.Writer) error {
 		if x := c.Result(SideCross); x != nil {
 			cr, cp = x.RPS, x.P50us
 		}
-		row := []string{fmt.Sprint(c.Outstanding), "|", nb.FormatMicros(c.SumRawP50us), nb.FormatMicros(cp), ratio(c.P50VsSum),
-			verdict(c.P50Target, c.P50Pass), "|", count(xr), count(cr), ratio(c.RPSVsXMPP), verdict(c.RPSTarget, c.RPSPass),
-			ratio(c.CPUBoundVsXMPP)}
+		row := []string{fmt.Sprint(c.Outstanding), "|", nb.FormatMicros(c.SumRawP50us), nb.FormatMicros(cp), nb.FormatRatio(c.P50VsSum),
+			nb.FormatVerdict(c.P50Target, c.P50Pass), "|", count(xr), count(cr), nb.FormatRatio(c.RPSVsXMPP), nb.FormatVerdict(c.RPSTarget, c.RPSPass),
+			nb.FormatRatio(c.CPUBoundVsXMPP)}
 		if project {
-			row = append(row, "|", nb.FormatMicros(c.SumProjectP50us), ratio(c.P50VsProject))
+			row = append(row, "|", nb.FormatMicros(c.SumProjectP50us), nb.FormatRatio(c.P50VsProject))
 		}
 		if chain {
-			row = append(row, "|", ratio(c.P50VsChain), ratio(c.RPSVsChain))
+			row = append(row, "|", nb.FormatRatio(c.P50VsChain), nb.FormatRatio(c.RPSVsChain))
 		}
 		fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
 	}
@@ -149,26 +149,9 @@ func (r *Report) WriteTable(w io.Writer) error {
 	return nil
 }
 
-func ratio(x float64) string {
-	if x == 0 {
-		return "-"
-	}
-	return fmt.Sprintf("%.2f", x)
-}
-
 func count(x float64) string {
 	if x == 0 {
 		return "-"
 	}
 	return fmt.Sprintf("%.0f", x)
-}
-
-func verdict(target string, pass *bool) string {
-	if pass == nil {
-		return "-"
-	}
-	if *pass {
-		return target + " PASS"
-	}
-	return target + " MISS"
 }

@@ -65,9 +65,9 @@ func (r *Report) WriteTable(w io.Writer) error {
 			}
 			row = append(row, "|", m.Mode, FormatMicros(m.P50us), FormatMicros(m.P99us), fmt.Sprintf("%.0f", m.RPS),
 				FormatMicros(m.CPUus), FormatMicros(m.BrokerCPUus), fmt.Sprintf("%.0f", m.AllocsPerReq),
-				"|", ratio(m.P50VsRaw), ratio(m.RPSVsRaw), ratio(m.CPUVsRaw),
-				"|", ratio(m.P50VsPlain), ratio(m.RPSVsPlain), ratio(m.CPUVsPlain),
-				"|", verdict(m.Target, m.Pass))
+				"|", FormatRatio(m.P50VsRaw), FormatRatio(m.RPSVsRaw), FormatRatio(m.CPUVsRaw),
+				"|", FormatRatio(m.P50VsPlain), FormatRatio(m.RPSVsPlain), FormatRatio(m.CPUVsPlain),
+				"|", FormatVerdict(m.Target, m.Pass))
 			fmt.Fprintln(tw, strings.Join(row, "\t")+"\t")
 		}
 	}
@@ -83,8 +83,8 @@ func (r *Report) WriteTable(w io.Writer) error {
 		tw = tabwriter.NewWriter(w, 0, 0, 2, ' ', tabwriter.AlignRight)
 		fmt.Fprintln(tw, "payload\tmode\treq/s x plain\tp50 x plain\tcpu/req x plain\tcpu-bound req/s x plain\ttarget\t")
 		for _, f := range r.Figures {
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", FormatBytes(f.Payload), f.Mode, ratio(f.RPSVsPlain),
-				ratio(f.P50VsPlain), ratio(f.CPUVsPlain), ratio(f.CPUBound), verdict(f.Target, f.Pass))
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t\n", FormatBytes(f.Payload), f.Mode, FormatRatio(f.RPSVsPlain),
+				FormatRatio(f.P50VsPlain), FormatRatio(f.CPUVsPlain), FormatRatio(f.CPUBound), FormatVerdict(f.Target, f.Pass))
 		}
 		if err := tw.Flush(); err != nil {
 			return err
@@ -135,14 +135,17 @@ func (r *Report) WriteTable(w io.Writer) error {
 	return nil
 }
 
-func ratio(x float64) string {
+// FormatRatio prints a ratio with two decimals, "-" for none (0).
+func FormatRatio(x float64) string {
 	if x == 0 {
 		return "-"
 	}
 	return fmt.Sprintf("%.2f", x)
 }
 
-func verdict(target string, pass *bool) string {
+// FormatVerdict prints a target and whether it was met ("... PASS",
+// "... MISS"), "-" when it was not judged (nil).
+func FormatVerdict(target string, pass *bool) string {
 	if pass == nil {
 		return "-"
 	}
