@@ -32,6 +32,9 @@ const (
 	// waiting for the loop to run out of deliveries.
 	maxBundleParts = 32
 	maxBundleBytes = 64 << 10
+	// A reader refuses a bundle of more parts than this (a sender's limit
+	// is far lower): a reply queue takes messages from anyone in the vhost.
+	maxBundlePartsRead = 1024
 )
 
 var errBadBundle = errors.New("nanite: malformed reply bundle")
@@ -65,7 +68,7 @@ func splitBundle(body []byte, f func(corr string, body []byte)) error {
 	n := 0
 	for rest := body; len(rest) > 0; n++ {
 		var ok bool
-		if _, _, rest, ok = nextBundlePart(rest); !ok {
+		if _, _, rest, ok = nextBundlePart(rest); !ok || n == maxBundlePartsRead {
 			return errBadBundle
 		}
 	}

@@ -35,7 +35,12 @@ func TestBundleParts(t *testing.T) {
 			t.Errorf("part %d: got %q %q, want %q %q", i, got[i].corr, got[i].body, parts[i].corr, parts[i].body)
 		}
 	}
+	var many []byte
+	for range maxBundlePartsRead + 1 {
+		many = appendBundlePart(many, "", nil)
+	}
 	for _, bad := range [][]byte{
+		many,                            // more parts than a reader takes
 		nil,                             // no part at all
 		b[:len(b)-1],                    // the last body cut short
 		append(b[:len(b):len(b)], 0x80), // a length whose varint never ends
