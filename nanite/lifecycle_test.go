@@ -257,12 +257,22 @@ func TestOfflineFailsafe(t *testing.T) {
 // The broker restarts while requests are in flight: every request ends with
 // a result or a clear error by its deadline, agents and mappers reconnect,
 // and a persistent request waiting in a durable queue survives.
+// TestBrokerRestart: requests under way across a broker restart end by
+// their deadline, and succeed again after it: persistent requests to a slow
+// service, and transient ones to a quick service whose answers go out in
+// reply bundles.
 func TestBrokerRestart(t *testing.T) {
+	t.Run("persistent", func(t *testing.T) { testBrokerRestart(t, "/echo/slow", 20, Persistent()) })
+	t.Run("bundled", func(t *testing.T) { testBrokerRestart(t, "/echo/say", "hi") })
+}
+
+func testBrokerRestart(t *testing.T, service string, payload any, opts ...RequestOption) {
 	r := testenv.RunRabbitMQ(t, testenv.RabbitOptions{Name: "restart"})
 	c := &cluster{t: t, url: r.URL()}
 	m, _ := c.mapper(MapperConfig{AgentTimeout: 30 * time.Second})
 	a, _ := c.agent(AgentConfig{}, testActor(new(string), nil))
-	waitAgents(t, m, "/echo/slow", 1)
+	waitAgents(t, m, service, 1)
+	opts = append(opts, WithTimeout(3*time.Second))
 
 	// Load: requests in flight across the restart.
 	var wg sync.WaitGroup
@@ -278,7 +288,7 @@ func TestBrokerRestart(t *testing.T) {
 					return
 				default:
 				}
-				_, err := m.Request(context.Background(), "/echo/slow", 20, WithTimeout(3*time.Second), Persistent())
+				_, err := m.Request(context.Background(), service, payload, opts...)
 				if err != nil {
 					failed.Add(1)
 				} else {
@@ -301,7 +311,7 @@ func TestBrokerRestart(t *testing.T) {
 	case <-time.After(10 * time.Second):
 		t.Fatal("a request outlived its 3 s deadline across the restart")
 	}
-	t.Logf("across the restart: %d ok, %d failed with an error", ok.Load(), failed.Load())
+	t.Logf("across the restart: %d ok, %d failed with an error; %d answers in bundles", ok.Load(), failed.Load(), a.Stats()["bundled_results"])
 	if !hasAgent(m, a.Identity()) {
 		t.Fatal("agent not registered after the restart")
 	}
