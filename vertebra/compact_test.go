@@ -222,12 +222,7 @@ func TestOpBatches(t *testing.T) {
 					}
 					errs <- nil
 				default:
-					arg := json.RawMessage(fmt.Sprintf(`{"round":%d,"i":%d}`, round, i))
-					res, err := caller.Call(ctx, to, "/test/echo", arg)
-					if err == nil && string(res.Value()) != string(arg) {
-						err = fmt.Errorf("op %d: result %s", i, res.Value())
-					}
-					errs <- err
+					errs <- callEcho(ctx, caller, to, "/test/echo", i, json.RawMessage(fmt.Sprintf(`{"round":%d,"i":%d}`, round, i)))
 				}
 			}()
 		}
@@ -294,6 +289,16 @@ func TestCompactWithAgent(t *testing.T) {
 
 // echoAtOnce makes n calls of the echoing service svc at to at once, each
 // with its own argument, and checks that each gets exactly its argument.
+// callEcho calls svc, an echo, as op i with arg, and checks that the
+// result is arg.
+func callEcho(ctx context.Context, caller *Endpoint, to jid.JID, svc string, i int, arg json.RawMessage, opts ...CallOption) error {
+	res, err := caller.Call(ctx, to, svc, arg, opts...)
+	if err == nil && string(res.Value()) != string(arg) {
+		err = fmt.Errorf("op %d: result %s", i, res.Value())
+	}
+	return err
+}
+
 func echoAtOnce(t *testing.T, caller *Endpoint, to jid.JID, svc string, n int, opts ...CallOption) {
 	t.Helper()
 	var wg sync.WaitGroup
@@ -302,12 +307,7 @@ func echoAtOnce(t *testing.T, caller *Endpoint, to jid.JID, svc string, n int, o
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			arg := json.RawMessage(fmt.Sprintf(`{"i":%d}`, i))
-			res, err := caller.Call(ctxTimeout(t, 10*time.Second), to, svc, arg, opts...)
-			if err == nil && string(res.Value()) != string(arg) {
-				err = fmt.Errorf("op %d: result %s", i, res.Value())
-			}
-			errs <- err
+			errs <- callEcho(ctxTimeout(t, 10*time.Second), caller, to, svc, i, json.RawMessage(fmt.Sprintf(`{"i":%d}`, i)), opts...)
 		}()
 	}
 	wg.Wait()
