@@ -98,7 +98,7 @@ type Agent struct {
 	registerMu sync.Mutex
 	started    atomic.Bool
 	link       *link
-	bundler    *replyBundler // answers the delivery loop sends as bundles
+	bundler    *replyBundler // sends answers made together as bundles
 	calls      *calls
 	dedupe     *dedupe
 	stats      agentStats

@@ -125,16 +125,21 @@ func (a *acker) handled(tag uint64) {
 func (a *acker) ack(tag uint64) error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	if !a.markLocked(tag) || slices.Contains(a.inLoop, tag) {
+		return nil // settled already, or the loop sends it
+	}
+	return a.flushLocked()
+}
+
+// markLocked moves tag from open to done; false if it was settled already.
+func (a *acker) markLocked(tag uint64) bool {
 	if !slices.Contains(a.open, tag) {
-		return nil // settled already
+		return false
 	}
 	a.open = deleteTag(a.open, tag)
 	i, _ := slices.BinarySearch(a.done, tag)
 	a.done = slices.Insert(a.done, i, tag)
-	if slices.Contains(a.inLoop, tag) {
-		return nil // the loop sends it
-	}
-	return a.flushLocked()
+	return true
 }
 
 // inLoopNow reports whether the Handle of tag runs in a delivery loop.
@@ -150,12 +155,7 @@ func (a *acker) ackAll(tags []uint64) {
 	a.mu.Lock()
 	defer a.mu.Unlock()
 	for _, tag := range tags {
-		if !slices.Contains(a.open, tag) {
-			continue // settled already
-		}
-		a.open = deleteTag(a.open, tag)
-		i, _ := slices.BinarySearch(a.done, tag)
-		a.done = slices.Insert(a.done, i, tag)
+		a.markLocked(tag)
 	}
 }
 
